@@ -1,0 +1,19 @@
+//! What every fleet binary agrees on: the fleet YAML, metric names, backoff and shutdown.
+//!
+//! # Layout
+//! - [`config`]: `FleetConfig`, parsed and validated from the fleet YAML; errors name file, key, line.
+//! - [`metrics`]: every metric and label name, as constants (the names are a contract).
+//! - [`backoff`]: capped exponential backoff with jitter, pure.
+//! - [`shutdown`]: a cloneable "stop now" signal over a `watch` channel.
+//! - [`protocol`]: the default app's event names and limits.
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod shutdown;
+
+pub use backoff::Backoff;
+pub use config::{ConfigError, FleetConfig};
+pub use shutdown::{Shutdown, ShutdownTrigger};
