@@ -18,7 +18,12 @@ impl Backoff {
     /// A backoff starting at `min` and never waiting longer than `max` (plus jitter).
     pub fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
-        Backoff { min, max: max.max(min), attempt: 0, seed: 0x9E37_79B9_7F4A_7C15 }
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+            seed: 0x9E37_79B9_7F4A_7C15,
+        }
     }
 
     /// The delay before the next attempt; each call counts one more failure.
@@ -55,7 +60,10 @@ mod tests {
         let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
         for (i, d) in delays.iter().enumerate() {
             let base = Duration::from_millis((100u64 << i).min(1000));
-            assert!(*d >= base && *d <= base.mul_f64(1.25), "attempt {i}: {d:?} vs {base:?}");
+            assert!(
+                *d >= base && *d <= base.mul_f64(1.25),
+                "attempt {i}: {d:?} vs {base:?}"
+            );
         }
         assert_eq!(b.failures(), 8);
         b.reset();

@@ -231,7 +231,10 @@ impl FleetConfig {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let w = &self.workers;
         if !(1..=1024).contains(&w.count) {
-            return Err(("workers.count", format!("must be 1 to 1024, got {}", w.count)));
+            return Err((
+                "workers.count",
+                format!("must be 1 to 1024, got {}", w.count),
+            ));
         }
         if w.base_port == 0 {
             return Err(("workers.base_port", "must be 1 to 65535, got 0".into()));
@@ -258,20 +261,29 @@ impl FleetConfig {
         validate_redis_url(&self.redis.url).map_err(|m| ("redis.url", m))?;
         let r = &self.redis;
         if r.prefix.is_empty() || r.prefix.contains('#') {
-            return Err(("redis.prefix", "must be non-empty and must not contain '#'".into()));
+            return Err((
+                "redis.prefix",
+                "must be non-empty and must not contain '#'".into(),
+            ));
         }
         if r.reconnect_min_ms == 0 {
             return Err(("redis.reconnect_min_ms", "must be at least 1".into()));
         }
         if r.reconnect_max_ms < r.reconnect_min_ms {
-            return Err(("redis.reconnect_max_ms", "must be at least reconnect_min_ms".into()));
+            return Err((
+                "redis.reconnect_max_ms",
+                "must be at least reconnect_min_ms".into(),
+            ));
         }
         if r.request_timeout_ms == 0 {
             return Err(("redis.request_timeout_ms", "must be at least 1".into()));
         }
         let s = &self.socketio;
         if !s.path.starts_with('/') || s.path.len() < 2 || s.path.contains(['?', '#', ' ']) {
-            return Err(("socketio.path", format!("must look like /socket.io, got {:?}", s.path)));
+            return Err((
+                "socketio.path",
+                format!("must look like /socket.io, got {:?}", s.path),
+            ));
         }
         if s.ping_interval_ms == 0 {
             return Err(("socketio.ping_interval_ms", "must be at least 1".into()));
@@ -287,7 +299,11 @@ impl FleetConfig {
 
     /// The address worker `index` listens on.
     pub fn worker_addr(&self, index: u32) -> String {
-        format!("{}:{}", self.workers.host, u32::from(self.workers.base_port) + index)
+        format!(
+            "{}:{}",
+            self.workers.host,
+            u32::from(self.workers.base_port) + index
+        )
     }
 
     /// The id of worker `index`: `w<index>`.
@@ -314,7 +330,9 @@ pub fn validate_redis_url(raw: &str) -> Result<(), String> {
             Ok(())
         }
         "redis+unix" | "unix" => Ok(()),
-        other => Err(format!("scheme must be redis:// or rediss://, got {other}://")),
+        other => Err(format!(
+            "scheme must be redis:// or rediss://, got {other}://"
+        )),
     }
 }
 
@@ -338,7 +356,12 @@ fn from_serde(text: &str, e: serde_yaml::Error) -> ConfigError {
         (key, None) => key,
     };
     let line = line.or_else(|| key.as_deref().and_then(|k| locate_key(text, k)));
-    ConfigError { file: None, key, line, message }
+    ConfigError {
+        file: None,
+        key,
+        line,
+        message,
+    }
 }
 
 fn unknown_field(message: &str) -> Option<&str> {
@@ -363,7 +386,9 @@ pub fn locate_key(text: &str, dotted: &str) -> Option<usize> {
         if parent_indent.is_some_and(|p| indent <= p) {
             return None; // left the parent's block without finding the key
         }
-        let Some(key) = trimmed.split(':').next() else { continue };
+        let Some(key) = trimmed.split(':').next() else {
+            continue;
+        };
         if key.trim() == want && trimmed[key.len()..].starts_with(':') {
             match parts.next() {
                 None => return Some(i + 1),
@@ -403,7 +428,10 @@ workers:
 
     #[test]
     fn empty_file_is_all_defaults() {
-        assert_eq!(FleetConfig::from_yaml_str("").unwrap(), FleetConfig::default());
+        assert_eq!(
+            FleetConfig::from_yaml_str("").unwrap(),
+            FleetConfig::default()
+        );
     }
 
     #[test]
@@ -473,7 +501,10 @@ workers:
         let file = dir.join("fleet.yaml");
         std::fs::write(&file, GOOD.replace("count: 4", "count: 0")).unwrap();
         let msg = FleetConfig::load(&file).unwrap_err().to_string();
-        assert!(msg.starts_with(&format!("{}:6: key `workers.count`", file.display())), "{msg}");
+        assert!(
+            msg.starts_with(&format!("{}:6: key `workers.count`", file.display())),
+            "{msg}"
+        );
     }
 
     #[test]

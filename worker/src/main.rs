@@ -1,1 +1,128 @@
-fn main(){}
+//! `worker`: one fleet worker. Parses flags, loads settings, serves until SIGTERM/SIGINT,
+//! drains, exits 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use shared::FleetConfig;
+use tokio::signal::unix::{SignalKind, signal};
+use worker::{RoomsApp, WorkerSettings};
+
+/// A fleet worker: a Socket.IO server whose room broadcasts reach every worker through Redis.
+///
+/// Two ways to run it:
+///
+///   worker --config fleet.yaml --index 2     worker 2 of a fleet file (what the balancer runs)
+///
+///   worker --listen 0.0.0.0:9001 --redis redis://10.0.0.5:6379 --id hostA-1
+///                                            a standalone worker (workers on other hosts)
+///
+/// One port serves Socket.IO (/socket.io/), /metrics, /healthz and /readyz. SIGTERM or SIGINT
+/// drains: clients are moved off over the drain window, then the process exits 0; a second
+/// signal exits at once.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// The fleet YAML file.
+    #[arg(long, requires = "index", conflicts_with_all = ["listen", "redis", "id"])]
+    config: Option<PathBuf>,
+    /// Which worker of the fleet file to run (0-based); listens on base_port + index.
+    #[arg(long, requires = "config")]
+    index: Option<u32>,
+    /// Standalone: the address to listen on.
+    #[arg(long, requires_all = ["redis", "id"])]
+    listen: Option<SocketAddr>,
+    /// Standalone: the Redis URL (redis://host:port).
+    #[arg(long, requires = "listen")]
+    redis: Option<String>,
+    /// Standalone: this worker's id, unique in the fleet (shown by whoami and in metrics).
+    #[arg(long, requires = "listen")]
+    id: Option<String>,
+    /// Standalone: the drain window in seconds (default 10).
+    #[arg(long, requires = "listen")]
+    drain_window_secs: Option<u64>,
+    /// Standalone: the pub/sub channel prefix; must match the other workers' (default "fleet").
+    #[arg(long, requires = "listen")]
+    prefix: Option<String>,
+}
+
+fn settings(args: Args) -> Result<WorkerSettings, String> {
+    match (args.config, args.index, args.listen, args.redis, args.id) {
+        (Some(file), Some(index), ..) => {
+            let cfg = FleetConfig::load(&file).map_err(|e| e.to_string())?;
+            WorkerSettings::from_fleet(&cfg, index)
+        }
+        (_, _, Some(listen), Some(redis), Some(id)) => {
+            shared::config::validate_redis_url(&redis).map_err(|e| format!("--redis: {e}"))?;
+            let mut s = WorkerSettings::standalone(id, listen, redis);
+            if let Some(secs) = args.drain_window_secs {
+                s.drain_window = std::time::Duration::from_secs(secs);
+            }
+            if let Some(prefix) = args.prefix {
+                s.redis.prefix = prefix;
+            }
+            Ok(s)
+        }
+        _ => Err("give either --config FILE --index I, or --listen ADDR --redis URL --id NAME (see --help)".into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
+        )
+        .with_target(false)
+        .init();
+    let settings = match settings(Args::parse()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("worker: cannot listen on {}: {e}", settings.listen);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(id = %settings.id, listen = %settings.listen, redis = %settings.redis.url, "starting");
+    match worker::run(listener, settings, RoomsApp, stop_signal()).await {
+        Ok(report) => {
+            tracing::info!(
+                sessions = report.sessions,
+                took_ms = report.took.as_millis() as u64,
+                "drained, exiting"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("worker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once.
+async fn stop_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(130);
+    });
+}

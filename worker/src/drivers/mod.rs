@@ -1,0 +1,5 @@
+//! Pub/sub drivers for the socketioxide Redis adapter.
+
+mod reconnecting;
+
+pub use reconnecting::{LinkError, LinkState, RedisLink};

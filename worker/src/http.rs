@@ -1,0 +1,173 @@
+//! The worker's one port: Socket.IO under its path, plus `/metrics`, `/healthz`, `/readyz`.
+//! Every Engine.IO request passes the drain gate first.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use engineioxide::service::NotFoundService;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::Service as _;
+use socketioxide::SocketIo;
+use socketioxide::service::SocketIoService;
+
+use crate::FleetAdapter;
+use crate::conn::{ConnId, ConnRegistry};
+use crate::drain::DrainGate;
+use crate::health::Readiness;
+use crate::metrics::WorkerMetrics;
+
+/// Any response body this server sends.
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Everything a request may need; one per worker, shared by every connection.
+pub struct HttpCtx {
+    /// The Socket.IO service.
+    pub sio: SocketIoService<NotFoundService, FleetAdapter>,
+    /// The Socket.IO handle (live socket count for `/metrics`).
+    pub io: SocketIo<FleetAdapter>,
+    /// Engine.IO path, without trailing slash.
+    pub sio_path: String,
+    /// Drain state at the edge.
+    pub gate: Arc<DrainGate>,
+    /// Open connections.
+    pub registry: Arc<ConnRegistry>,
+    /// Readiness.
+    pub readiness: Readiness,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+}
+
+/// Route one request.
+pub async fn handle(
+    ctx: Arc<HttpCtx>,
+    conn: ConnId,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    if path == ctx.sio_path || path.starts_with(&format!("{}/", ctx.sio_path)) {
+        req.extensions_mut().insert(conn);
+        return Ok(engine_io(&ctx, conn, req).await);
+    }
+    Ok(match (req.method(), path) {
+        (&Method::GET, "/metrics") => {
+            ctx.metrics.connections.set(ctx.io.sockets().len() as i64);
+            let body = ctx.metrics.encode();
+            text(StatusCode::OK, "text/plain; version=0.0.4", body)
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => match ctx.readiness.check() {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+/// The Engine.IO query parameters the edge cares about.
+#[derive(Debug, Default, PartialEq)]
+pub struct EioQuery {
+    /// Session id, absent on a handshake.
+    pub sid: Option<String>,
+    /// `polling` or `websocket`.
+    pub transport: Option<String>,
+    /// Protocol revision: "4" (default) or "3".
+    pub eio: Option<String>,
+}
+
+impl EioQuery {
+    /// Parse the parameters out of a query string.
+    pub fn parse(query: Option<&str>) -> Self {
+        let mut q = EioQuery::default();
+        for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*k {
+                "sid" => q.sid = Some(v.into_owned()),
+                "transport" => q.transport = Some(v.into_owned()),
+                "EIO" => q.eio = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Response<Body> {
+    let q = EioQuery::parse(req.uri().query());
+    let _inflight = ctx.gate.enter();
+    let Some(sid) = q.sid.as_deref() else {
+        if ctx.gate.is_draining() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            );
+        }
+        return forward(ctx, req).await;
+    };
+    if ctx.gate.is_cut(sid) {
+        return session_unknown();
+    }
+    if q.transport.as_deref() == Some("websocket") {
+        ctx.registry.bind_sid(conn, sid);
+        return forward(ctx, req).await;
+    }
+    if req.method() != Method::GET {
+        return forward(ctx, req).await;
+    }
+    // A long-poll: answer it with the close packet the moment its session is cut.
+    let poll = ctx.gate.poll_started(sid);
+    tokio::select! {
+        res = forward(ctx, req) => res,
+        _ = poll.cancel.cancelled() => close_packet(q.eio.as_deref()),
+    }
+}
+
+async fn forward(ctx: &HttpCtx, req: Request<Incoming>) -> Response<Body> {
+    match ctx.sio.call(req).await {
+        Ok(res) => res.map(|b| b.map_err(Into::into).boxed()),
+        Err(e) => match e {},
+    }
+}
+
+/// Engine.IO's close packet: the client treats it as "transport close" and reconnects.
+fn close_packet(eio: Option<&str>) -> Response<Body> {
+    let body = if eio == Some("3") { "1:1" } else { "1" };
+    text(StatusCode::OK, "text/plain; charset=UTF-8", body.into())
+}
+
+/// Engine.IO's own answer for a session it does not know.
+pub fn session_unknown() -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        "application/json",
+        r#"{"code":1,"message":"Session ID unknown"}"#.into(),
+    )
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_engine_io_query() {
+        let q = EioQuery::parse(Some("EIO=4&transport=polling&t=x&sid=ab%2Dc"));
+        assert_eq!(q.sid.as_deref(), Some("ab-c"));
+        assert_eq!(q.transport.as_deref(), Some("polling"));
+        assert_eq!(q.eio.as_deref(), Some("4"));
+        assert_eq!(EioQuery::parse(None), EioQuery::default());
+    }
+}

@@ -1,0 +1,162 @@
+//! The fleet worker: a socketioxide server whose room broadcasts cross workers over Redis,
+//! with health, metrics and graceful drain. Applications plug in their handlers as an [`App`].
+//!
+//! # Layout
+//! - [`run`] (here): wires the parts below and serves until the stop future resolves.
+//! - [`settings`]: what one worker needs, from the fleet YAML or from flags.
+//! - [`drivers`]: the reconnecting Redis pub/sub driver (`RedisLink`).
+//! - [`fleet`]: the [`App`] trait and the [`Fleet`] handle apps receive.
+//! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
+//! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut.
+//! - [`http`]: routing of the single port; [`drain`]: moving clients away on SIGTERM.
+//! - [`health`]: readiness; [`metrics`]: the registry; [`probes`]: lag and memory probes.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod conn;
+pub mod drain;
+pub mod drivers;
+pub mod fleet;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod probes;
+pub mod server;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::shutdown;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Emitter;
+use socketioxide::extract::SocketRef;
+use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
+use tokio::net::TcpListener;
+
+pub use app::RoomsApp;
+pub use drain::DrainReport;
+pub use drivers::RedisLink;
+pub use fleet::{App, Fleet};
+pub use settings::WorkerSettings;
+
+/// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`].
+pub type FleetAdapter = CustomRedisAdapter<Emitter, RedisLink>;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Redis URL is not usable.
+    #[error("redis url: {0}")]
+    RedisUrl(#[from] redis::RedisError),
+    /// The Socket.IO namespace could not be set up.
+    #[error("socket.io namespace setup: {0}")]
+    Namespace(String),
+}
+
+/// Serve a worker on `listener` until `stop` resolves, then drain and return.
+///
+/// Redis may be down at start: the worker serves at once, reports not-ready on `/readyz`, and
+/// subscribes when Redis appears.
+///
+/// # Errors
+/// The settings are unusable; nothing was served.
+pub async fn run(
+    listener: TcpListener,
+    settings: WorkerSettings,
+    app: impl App,
+    stop: impl Future<Output = ()>,
+) -> Result<DrainReport, StartError> {
+    let metrics = metrics::WorkerMetrics::new(&settings.id);
+    let link = RedisLink::new(
+        &settings.redis.url,
+        Duration::from_millis(settings.redis.reconnect_min_ms),
+        Duration::from_millis(settings.redis.reconnect_max_ms),
+        metrics.clone(),
+    )?;
+    let adapter_config = RedisAdapterConfig::new()
+        .with_prefix(settings.redis.prefix.clone())
+        .with_request_timeout(Duration::from_millis(settings.redis.request_timeout_ms));
+    let ctr = RedisAdapterCtr::new_with_driver(link.clone(), adapter_config);
+    let sio = &settings.socketio;
+    let (svc, io) = SocketIo::builder()
+        .req_path(sio.path.clone())
+        .ping_interval(Duration::from_millis(sio.ping_interval_ms))
+        .ping_timeout(Duration::from_millis(sio.ping_timeout_ms))
+        .max_payload(sio.max_payload_bytes)
+        .with_adapter::<FleetAdapter>(ctr)
+        .build_svc();
+
+    let registry = Arc::new(conn::ConnRegistry::default());
+    let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone());
+    let app = Arc::new(app);
+    let ns_registry = Arc::clone(&registry);
+    // Registering the namespace subscribes its channels (or queues them while Redis is down);
+    // the link starts after, so "up" always means "every channel subscribed".
+    io.ns("/", async move |socket: SocketRef<FleetAdapter>| {
+        bind_websocket_handshake(&ns_registry, &socket);
+        app.on_connect(socket, &fleet);
+    })
+    .await
+    .map_err(|e| StartError::Namespace(e.to_string()))?;
+
+    let (trigger, shutdown) = shutdown::channel();
+    let readiness = health::Readiness::new(link.state());
+    let gate = Arc::new(drain::DrainGate::new(
+        Arc::clone(&registry),
+        readiness.clone(),
+    ));
+    let ctx = Arc::new(http::HttpCtx {
+        sio: svc,
+        io: io.clone(),
+        sio_path: sio.path.trim_end_matches('/').to_owned(),
+        gate: Arc::clone(&gate),
+        registry,
+        readiness,
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(link.clone().run(shutdown.clone()));
+    tokio::spawn(probes::event_loop_lag(metrics.clone(), shutdown.clone()));
+    tokio::spawn(probes::pubsub_lag(
+        link.clone(),
+        settings.redis.prefix.clone(),
+        settings.id.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(probes::redis_memory(
+        link,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(server::serve(
+        listener,
+        ctx,
+        settings.max_connections,
+        shutdown,
+    ));
+    tracing::info!(worker = %settings.id, "worker serving");
+
+    stop.await;
+    metrics.draining.set(1);
+    let report = gate
+        .drain(settings.drain_window, || {
+            io.sockets().iter().map(|s| s.id.to_string()).collect()
+        })
+        .await;
+    trigger.trigger();
+    Ok(report)
+}
+
+/// A WebSocket-only client opens its session on the upgrade request itself (no `sid` in the
+/// URL), so its connection is bound to the session here, once the id exists.
+fn bind_websocket_handshake(registry: &conn::ConnRegistry, socket: &SocketRef<FleetAdapter>) {
+    let parts = socket.req_parts();
+    let q = http::EioQuery::parse(parts.uri.query());
+    if q.sid.is_none()
+        && q.transport.as_deref() == Some("websocket")
+        && let Some(id) = parts.extensions.get::<conn::ConnId>()
+    {
+        registry.bind_sid(*id, &socket.id.to_string());
+    }
+}

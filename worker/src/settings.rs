@@ -1,0 +1,68 @@
+//! What one worker needs to run, taken from the fleet YAML (`--config --index`) or from flags
+//! (a standalone worker on another host).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::FleetConfig;
+use shared::config::{RedisConfig, SocketIoConfig};
+
+/// One worker's settings.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Identity in logs, metrics and `whoami`.
+    pub id: String,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Redis link settings.
+    pub redis: RedisConfig,
+    /// Engine.IO settings.
+    pub socketio: SocketIoConfig,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Drain window.
+    pub drain_window: Duration,
+}
+
+impl WorkerSettings {
+    /// Worker `index` of a fleet file.
+    ///
+    /// # Errors
+    /// The index is past `workers.count`, or the address does not resolve to one socket address.
+    pub fn from_fleet(cfg: &FleetConfig, index: u32) -> Result<Self, String> {
+        if index >= cfg.workers.count {
+            return Err(format!(
+                "--index {index} is out of range: workers.count is {}",
+                cfg.workers.count
+            ));
+        }
+        let addr = cfg.worker_addr(index);
+        let listen = addr
+            .parse()
+            .map_err(|e| format!("workers.host + base_port give {addr:?}, not an address: {e}"))?;
+        Ok(WorkerSettings {
+            id: FleetConfig::worker_id(index),
+            listen,
+            redis: cfg.redis.clone(),
+            socketio: cfg.socketio.clone(),
+            max_connections: cfg.workers.max_connections as usize,
+            drain_window: cfg.workers.drain_window(),
+        })
+    }
+
+    /// A standalone worker: everything but these from the defaults.
+    pub fn standalone(id: String, listen: SocketAddr, redis_url: String) -> Self {
+        let defaults = FleetConfig::default();
+        WorkerSettings {
+            id,
+            listen,
+            redis: RedisConfig {
+                url: redis_url,
+                ..defaults.redis
+            },
+            socketio: defaults.socketio,
+            max_connections: defaults.workers.max_connections as usize,
+            drain_window: defaults.workers.drain_window(),
+        }
+    }
+}
