@@ -515,3 +515,16 @@ workers:
         assert_eq!(locate_key(text, "a.y"), None);
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The shipped example parses, and says exactly the defaults.
+    #[test]
+    fn deploy_fleet_yaml_is_valid_and_matches_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/fleet.yaml");
+        let cfg = FleetConfig::load(path).unwrap();
+        assert_eq!(cfg, FleetConfig::default());
+    }
+}

@@ -1,10 +1,10 @@
 //! Graceful drain: move every client off this worker, spread over the drain window, by closing
 //! its transport (never a Socket.IO disconnect packet, which tells clients not to reconnect).
 //!
-//! A cut session is forgotten at the HTTP edge: its pending long-poll is answered with the
-//! Engine.IO close packet, its WebSocket's TCP stream is ended, and any later request for it
-//! gets 400 "Session ID unknown", so the client reconnects with a fresh handshake — through
-//! the balancer, to a worker that is still ready.
+//! A cut session is forgotten at the HTTP edge: its pending long-poll is answered 503, its
+//! WebSocket's TCP stream is ended, and any later request for it gets 503 too, so the client
+//! sees a transport error and reconnects with a fresh handshake — through the balancer, to a
+//! worker that is still ready.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -111,7 +111,7 @@ async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Respo
         return forward(ctx, req).await;
     };
     if ctx.gate.is_cut(sid) {
-        return session_unknown();
+        return session_closed();
     }
     if q.transport.as_deref() == Some("websocket") {
         ctx.registry.bind_sid(conn, sid);
@@ -120,11 +120,11 @@ async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Respo
     if req.method() != Method::GET {
         return forward(ctx, req).await;
     }
-    // A long-poll: answer it with the close packet the moment its session is cut.
+    // A long-poll: answer it the moment its session is cut.
     let poll = ctx.gate.poll_started(sid);
     tokio::select! {
         res = forward(ctx, req) => res,
-        _ = poll.cancel.cancelled() => close_packet(q.eio.as_deref()),
+        _ = poll.cancel.cancelled() => session_closed(),
     }
 }
 
@@ -135,18 +135,14 @@ async fn forward(ctx: &HttpCtx, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Engine.IO's close packet: the client treats it as "transport close" and reconnects.
-fn close_packet(eio: Option<&str>) -> Response<Body> {
-    let body = if eio == Some("3") { "1:1" } else { "1" };
-    text(StatusCode::OK, "text/plain; charset=UTF-8", body.into())
-}
-
-/// Engine.IO's own answer for a session it does not know.
-pub fn session_unknown() -> Response<Body> {
+/// A cut session's answer. Any non-2xx makes both the official client and python-socketio
+/// treat it as a transport error and reconnect with a fresh handshake; Engine.IO's close packet
+/// would not do for python-socketio, which takes it as a deliberate server disconnect.
+fn session_closed() -> Response<Body> {
     text(
-        StatusCode::BAD_REQUEST,
-        "application/json",
-        r#"{"code":1,"message":"Session ID unknown"}"#.into(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        "worker draining: session closed, reconnect\n".into(),
     )
 }
 

@@ -1,6 +1,7 @@
 //! `worker`: one fleet worker. Parses flags, loads settings, serves until SIGTERM/SIGINT,
 //! drains, exits 0.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,socketioxide=warn,engineioxide=warn".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let settings = match settings(Args::parse()) {
         Ok(s) => s,

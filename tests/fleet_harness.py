@@ -1,0 +1,249 @@
+"""Real processes for end-to-end tests: redis-server, workers, Socket.IO clients.
+
+Every process is started on a free 127.0.0.1 port and killed when its guard is closed;
+every wait is bounded (wait_until), never a bare sleep.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import requests
+import socketio
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN_DIR = Path(os.environ.get("FLEET_BIN_DIR", ROOT / "target" / "debug"))
+LOG_DIR = Path(os.environ.get("FLEET_TEST_LOGS", "/tmp/fleet-test-logs"))
+LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, timeout=10.0, interval=0.02, what="condition"):
+    """Poll cond() until it returns a truthy value; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # the condition may probe a service that is not up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server on a fixed free port; can be stopped and started again."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open(self.port), 10, what=f"redis on {self.port}")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        wait_until(lambda: not port_open(self.port), 10, what="redis port closed")
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Proc:
+    """A spawned fleet binary with its output in a log file."""
+
+    def __init__(self, name, args, env=None):
+        self.name = name
+        self.log_path = LOG_DIR / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")
+        full_env = dict(os.environ, NO_COLOR="1", **(env or {}))
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+
+    def output(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout):
+        return self.proc.wait(timeout)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def close(self):
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+class Worker(Proc):
+    """A standalone worker (`--listen --redis --id`), or worker `index` of a fleet file."""
+
+    def __init__(self, redis_url=None, wid="w", port=None, drain_secs=None, config=None, index=None):
+        self.port = port or free_port()
+        self.id = wid
+        if config is not None:
+            args = [str(BIN_DIR / "worker"), "--config", str(config), "--index", str(index)]
+        else:
+            args = [str(BIN_DIR / "worker"), "--listen", f"127.0.0.1:{self.port}",
+                    "--redis", redis_url, "--id", wid]
+            if drain_secs is not None:
+                args += ["--drain-window-secs", str(drain_secs)]
+        super().__init__(f"worker-{wid}", args)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def readyz(self):
+        r = requests.get(self.url + "/readyz", timeout=2)
+        return r.status_code, r.text
+
+    def wait_ready(self, timeout=15):
+        wait_until(lambda: self.readyz()[0] == 200, timeout, what=f"{self.id} ready")
+
+    def wait_listening(self, timeout=15):
+        wait_until(lambda: port_open(self.port), timeout, what=f"{self.id} listening")
+
+    def metrics(self):
+        return parse_metrics(requests.get(self.url + "/metrics", timeout=2).text)
+
+
+def parse_metrics(text):
+    """Prometheus text → {'name{labels}': value}, plus bare names for unlabelled lookups."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
+
+
+def metric(metrics, name, **labels):
+    """Sum of every sample of `name` whose labels include `labels`."""
+    total, found = 0.0, False
+    for key, value in metrics.items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+            found = True
+    if not found:
+        raise KeyError(f"{name} {labels} not in metrics")
+    return total
+
+
+class Client:
+    """A python-socketio client that records what it receives and how it disconnects."""
+
+    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c"):
+        self.name = name
+        self.url = url
+        self.transports = list(transports)
+        self.messages = []
+        self.connects = 0
+        self.disconnect_reasons = []
+        self._lock = threading.Lock()
+        self.sio = socketio.Client(
+            reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
+            randomization_factor=0.2, request_timeout=5,
+        )
+        self.sio.on("message", self._on_message)
+        self.sio.on("connect", self._on_connect)
+        self.sio.on("disconnect", self._on_disconnect)
+
+    def _on_message(self, data):
+        with self._lock:
+            self.messages.append(data)
+
+    def _on_connect(self):
+        with self._lock:
+            self.connects += 1
+
+    def _on_disconnect(self, reason=None):
+        with self._lock:
+            self.disconnect_reasons.append(reason)
+
+    def connect(self):
+        self.sio.connect(self.url, transports=self.transports, wait_timeout=10)
+        return self
+
+    def call(self, event, data=None, timeout=10):
+        if data is None:
+            return self.sio.call(event, timeout=timeout)
+        return self.sio.call(event, data, timeout=timeout)
+
+    def transport(self):
+        return self.sio.transport()
+
+    def data_received(self):
+        with self._lock:
+            return [m["data"] for m in self.messages]
+
+    def close(self):
+        try:
+            self.sio.disconnect()
+        except Exception:
+            pass
+
+
+class Closer:
+    """Collects guards and closes them in reverse order."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, item):
+        self.items.append(item)
+        return item
+
+    def close_all(self):
+        for item in reversed(self.items):
+            try:
+                item.close()
+            except Exception:
+                pass
+
+
+__all__ = [
+    "Client", "Closer", "Proc", "RedisServer", "Worker", "free_port", "metric",
+    "parse_metrics", "port_open", "signal", "wait_until",
+]
