@@ -27,6 +27,58 @@ pub struct FleetConfig {
     /// Engine.IO / Socket.IO settings shared by every worker (and the balancer's path).
     #[serde(default)]
     pub socketio: SocketIoConfig,
+    /// The front proxy: placement, health checks, stickiness, shutdown.
+    #[serde(default)]
+    pub balancer: BalancerConfig,
+}
+
+/// How new sessions are placed on workers.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Consistent hashing (Ketama) of the client address with bounded load (default).
+    #[default]
+    Consistent,
+    /// Consistent hashing of the client address, no load bound (nginx `ip_hash`).
+    IpHash,
+    /// The worker with the fewest sessions.
+    LeastConnections,
+    /// A random healthy worker.
+    Random,
+}
+
+/// `balancer:` section.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerConfig {
+    /// Placement policy for new sessions. Default `consistent`.
+    #[serde(default)]
+    pub placement: Placement,
+    /// With `consistent`, a worker above `load_factor` × the mean load takes no new session.
+    /// Default 1.25; at least 1.0.
+    #[serde(default = "defaults::load_factor")]
+    pub load_factor: f64,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed for the client address.
+    /// Default none: the TCP peer is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// How often each worker's `/readyz` is checked, in milliseconds. Default 1000.
+    #[serde(default = "defaults::health_check_interval_ms")]
+    pub health_check_interval_ms: u64,
+    /// Failed checks in a row that take a worker out of placement. Default 2.
+    #[serde(default = "defaults::health_check_failures")]
+    pub health_check_failures: usize,
+    /// On SIGTERM, how long the balancer waits for workers to drain before exiting, in
+    /// seconds. Default: `workers.drain_window_secs` + 5.
+    #[serde(default)]
+    pub grace_period_secs: Option<u64>,
+    /// Secret mixed into sticky tags so they do not reveal worker addresses. Balancer
+    /// replicas in front of the same workers must share it. Default `fleet`.
+    #[serde(default = "defaults::sticky_secret")]
+    pub sticky_secret: String,
+    /// Worker threads of the proxy. Default 2.
+    #[serde(default = "defaults::threads")]
+    pub threads: usize,
 }
 
 /// `redis:` section.
@@ -75,6 +127,21 @@ pub struct WorkersConfig {
     /// then it exits. Default 10.
     #[serde(default = "defaults::drain_window_secs")]
     pub drain_window_secs: u64,
+    /// Whether the balancer runs the workers itself. Default true; false attaches to `count`
+    /// workers already running at `host:base_port+i`.
+    #[serde(default = "defaults::spawn")]
+    pub spawn: bool,
+    /// The command the balancer runs per worker, before `--config FILE --index I`.
+    /// Default: the `worker` binary next to the balancer's own executable.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Workers anywhere, as `host:port`. When set, the balancer spawns nothing.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// `name:port`: resolve `name` to all its addresses every few seconds (docker compose
+    /// `--scale`, a Kubernetes headless Service). When set, the balancer spawns nothing.
+    #[serde(default)]
+    pub discover: Option<String>,
 }
 
 /// `socketio:` section.
@@ -146,6 +213,24 @@ mod defaults {
     pub fn max_payload_bytes() -> u64 {
         100_000
     }
+    pub fn spawn() -> bool {
+        true
+    }
+    pub fn load_factor() -> f64 {
+        1.25
+    }
+    pub fn health_check_interval_ms() -> u64 {
+        1000
+    }
+    pub fn health_check_failures() -> usize {
+        2
+    }
+    pub fn sticky_secret() -> String {
+        "fleet".into()
+    }
+    pub fn threads() -> usize {
+        2
+    }
 }
 
 macro_rules! default_from_empty {
@@ -157,7 +242,7 @@ macro_rules! default_from_empty {
         }
     )*};
 }
-default_from_empty!(RedisConfig, WorkersConfig, SocketIoConfig, FleetConfig);
+default_from_empty!(RedisConfig, WorkersConfig, SocketIoConfig, BalancerConfig, FleetConfig);
 
 /// A refused fleet file: where, which key, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -258,6 +343,37 @@ impl FleetConfig {
         if w.drain_window_secs > 3600 {
             return Err(("workers.drain_window_secs", "must be at most 3600".into()));
         }
+        if !w.upstreams.is_empty() && w.discover.is_some() {
+            return Err(("workers.discover", "give either upstreams or discover, not both".into()));
+        }
+        for up in &w.upstreams {
+            validate_host_port(up).map_err(|m| ("workers.upstreams", m))?;
+        }
+        if let Some(d) = &w.discover {
+            validate_host_port(d).map_err(|m| ("workers.discover", m))?;
+        }
+        if w.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+            return Err(("workers.command", "must name a program".into()));
+        }
+        let b = &self.balancer;
+        if !(b.load_factor >= 1.0 && b.load_factor <= 100.0) {
+            return Err(("balancer.load_factor", format!("must be 1.0 to 100, got {}", b.load_factor)));
+        }
+        for p in &b.trusted_proxies {
+            parse_cidr(p).map_err(|m| ("balancer.trusted_proxies", m))?;
+        }
+        if !(100..=60_000).contains(&b.health_check_interval_ms) {
+            return Err(("balancer.health_check_interval_ms", "must be 100 to 60000".into()));
+        }
+        if b.health_check_failures == 0 {
+            return Err(("balancer.health_check_failures", "must be at least 1".into()));
+        }
+        if b.sticky_secret.is_empty() {
+            return Err(("balancer.sticky_secret", "must not be empty".into()));
+        }
+        if !(1..=256).contains(&b.threads) {
+            return Err(("balancer.threads", "must be 1 to 256".into()));
+        }
         validate_redis_url(&self.redis.url).map_err(|m| ("redis.url", m))?;
         let r = &self.redis;
         if r.prefix.is_empty() || r.prefix.contains('#') {
@@ -317,6 +433,47 @@ impl WorkersConfig {
     pub fn drain_window(&self) -> Duration {
         Duration::from_secs(self.drain_window_secs)
     }
+}
+
+impl FleetConfig {
+    /// True when the balancer runs the workers itself.
+    pub fn spawns_workers(&self) -> bool {
+        self.workers.spawn && self.workers.upstreams.is_empty() && self.workers.discover.is_none()
+    }
+
+    /// The balancer's grace period on SIGTERM.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(
+            self.balancer.grace_period_secs.unwrap_or(self.workers.drain_window_secs + 5),
+        )
+    }
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535.
+pub fn validate_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{s:?} has no valid port")),
+    }
+}
+
+/// An IP address or CIDR block: `10.0.0.0/8`, `::1`, `192.168.1.7`.
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+    };
+    Ok((ip, len))
 }
 
 /// Accept `redis://`, `rediss://`, `redis+unix://` and `unix://` URLs with a host or path.
@@ -505,6 +662,23 @@ workers:
             msg.starts_with(&format!("{}:6: key `workers.count`", file.display())),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn balancer_section_and_worker_sources() {
+        let text = "workers:\n  upstreams: [\"10.0.0.1:9001\", \"w2:9001\"]\nbalancer:\n  placement: least-connections\n  trusted_proxies: [10.0.0.0/8]\n";
+        let cfg = FleetConfig::from_yaml_str(text).unwrap();
+        assert!(!cfg.spawns_workers());
+        assert_eq!(cfg.balancer.placement, Placement::LeastConnections);
+        assert_eq!(cfg.grace_period(), Duration::from_secs(15));
+        let err = FleetConfig::from_yaml_str("balancer:\n  placement: round-robin\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("balancer.placement"), "{err}");
+        let err = FleetConfig::from_yaml_str("balancer:\n  load_factor: 0.5\n").unwrap_err();
+        assert_eq!((err.key.as_deref(), err.line), (Some("balancer.load_factor"), Some(2)));
+        let err = FleetConfig::from_yaml_str("workers:\n  discover: fleet\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("workers.discover"));
+        let err = FleetConfig::from_yaml_str("balancer:\n  trusted_proxies: [10.0.0.0/40]\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("balancer.trusted_proxies"));
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! Stateless stickiness: the worker is named inside the Engine.IO sid the client echoes back,
+//! the way HAProxy's `cookie prefix` mode tags an application cookie. Pure codecs only.
+
+pub mod open_packet;
+pub mod query;
+pub mod tag;
+
+pub use tag::{Tag, TaggedSid};
