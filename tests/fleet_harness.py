@@ -27,6 +27,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_port_range(n):
+    """n consecutive free ports (for workers.base_port)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65000:
+            continue
+        if all(_bindable(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _bindable(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def wait_until(cond, timeout=10.0, interval=0.02, what="condition"):
     """Poll cond() until it returns a truthy value; fail after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -145,6 +165,50 @@ class Worker(Proc):
         return parse_metrics(requests.get(self.url + "/metrics", timeout=2).text)
 
 
+class Balancer(Proc):
+    """`balancer --config FILE` with a fleet file written for this test."""
+
+    def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal"):
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.base_port = base_port or free_port_range(count)
+        self.count = count
+        self.config = Path(tmp_path) / f"{name}-{self.port}.yaml"
+        self.config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"metrics_listen: 127.0.0.1:{self.metrics_port}\n"
+            f"redis:\n  url: {redis_url}\n"
+            f"workers:\n  count: {count}\n  host: 127.0.0.1\n  base_port: {self.base_port}\n"
+            f"  spawn: {'true' if spawn else 'false'}\n  drain_window_secs: 2\n" + extra
+        )
+        super().__init__(name, [str(BIN_DIR / "balancer"), "--config", str(self.config)])
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self):
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def worker_url(self, i):
+        return f"http://127.0.0.1:{self.base_port + i}"
+
+    def wait_ready(self, timeout=20):
+        """Every worker passes its health check, as the balancer itself reports."""
+        def ready():
+            m = self.metrics()
+            return all(metric(m, "fleet_balancer_worker_up", worker=f"w{i}") == 1 for i in range(self.count))
+        wait_until(lambda: requests.get(self.admin + "/readyz", timeout=2).status_code == 200, timeout, what="balancer ready")
+        for i in range(self.count):
+            wait_until(lambda i=i: requests.get(self.worker_url(i) + "/readyz", timeout=2).status_code == 200,
+                       timeout, what=f"worker {i} ready")
+        wait_until(ready, timeout, what="balancer sees every worker up")
+
+    def metrics(self):
+        return parse_metrics(requests.get(self.admin + "/metrics", timeout=2).text)
+
+
 def parse_metrics(text):
     """Prometheus text → {'name{labels}': value}, plus bare names for unlabelled lookups."""
     out = {}
@@ -244,6 +308,6 @@ class Closer:
 
 
 __all__ = [
-    "Client", "Closer", "Proc", "RedisServer", "Worker", "free_port", "metric",
+    "Balancer", "Client", "Closer", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
     "parse_metrics", "port_open", "signal", "wait_until",
 ]

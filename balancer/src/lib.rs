@@ -1,4 +1,93 @@
-//! The fleet balancer: a pingora front proxy with stateless sticky sessions.
+//! The fleet balancer: a pingora front proxy with stateless sticky sessions, bounded-load
+//! placement, health checks and a worker supervisor.
+//!
+//! # Layout
+//! - [`serve`] (here): builds the pingora server from a fleet file, one service per part.
+//! - [`proxy`]: the `ProxyHttp` hooks: route by sid tag or place, tag handshakes, count.
+//! - [`sticky`]: pure codecs: tags, the open packet rewrite, the query string.
+//! - [`upstreams`]: workers, their tags and loads, and placement policies.
+//! - [`discovery`]: which workers exist; [`health`]: `/readyz` checks;
+//!   [`load_poll`]: worker loads; [`supervisor`]: worker processes; [`admin`]: own endpoints.
+//! - [`metrics`]: the balancer's metrics.
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod discovery;
+pub mod health;
+pub mod load_poll;
+pub mod metrics;
+pub mod proxy;
 pub mod sticky;
+pub mod supervisor;
+pub mod upstreams;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::Server;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use pingora_load_balancing::selection::Consistent;
+use pingora_load_balancing::{Backends, LoadBalancer};
+use shared::FleetConfig;
+
+/// A pingora server running the whole balancer for `cfg` (read from `config_path`).
+pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
+    let conf = ServerConf {
+        threads: cfg.balancer.threads,
+        grace_period_seconds: Some(cfg.grace_period().as_secs()),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let interval = Duration::from_millis(cfg.balancer.health_check_interval_ms);
+    let backends = Backends::new(Box::new(discovery::HostsDiscovery::from_config(cfg)));
+    let mut lb = LoadBalancer::<Consistent>::from_backends(backends);
+    lb.set_health_check(health::readyz_check(cfg));
+    lb.health_check_frequency = Some(interval);
+    lb.update_frequency = Some(if cfg.workers.discover.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    });
+    lb.parallel_health_check = true;
+    let lb_service = background_service("worker health", lb);
+    let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
+
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        proxy::FleetProxy::new(Arc::clone(&upstreams), cfg),
+    );
+    proxy.add_tcp(&cfg.listen.to_string());
+    let mut admin = Service::new(
+        "admin".to_owned(),
+        HttpServer::new_app(admin::Admin {
+            upstreams: Arc::clone(&upstreams),
+        }),
+    );
+    admin.add_tcp(&cfg.metrics_listen.to_string());
+    let poller = background_service(
+        "worker loads",
+        load_poll::LoadPoller {
+            upstreams,
+            every: interval,
+        },
+    );
+
+    if cfg.spawns_workers() {
+        server.add_service(background_service(
+            "workers",
+            supervisor::Supervisor::new(cfg, config_path),
+        ));
+    }
+    server.add_service(lb_service);
+    server.add_service(poller);
+    server.add_service(admin);
+    server.add_service(proxy);
+    server
+}

@@ -1,1 +1,43 @@
-fn main() {}
+//! `balancer --config FILE`: the one process a user starts per machine. It runs the workers
+//! (unless told to attach to existing ones) and fronts them with sticky sessions.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use shared::FleetConfig;
+
+/// The fleet balancer: runs the workers of a fleet file and fronts them with sticky sessions.
+///
+/// Clients connect to `listen` (Socket.IO at /socket.io/); /metrics, /healthz, /readyz and /sd
+/// answer on `metrics_listen`. SIGTERM: stop accepting, let the workers drain, exit within
+/// balancer.grace_period_secs.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The fleet YAML file.
+    #[arg(long, default_value = "deploy/fleet.yaml")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+    let args = Args::parse();
+    let cfg = match FleetConfig::load(&args.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("balancer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Workers get an absolute path: they may resolve it from another directory.
+    let path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
+    tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_listen, workers = cfg.workers.count, "balancer starting");
+    balancer::serve(&cfg, path).run_forever()
+}

@@ -242,7 +242,13 @@ macro_rules! default_from_empty {
         }
     )*};
 }
-default_from_empty!(RedisConfig, WorkersConfig, SocketIoConfig, BalancerConfig, FleetConfig);
+default_from_empty!(
+    RedisConfig,
+    WorkersConfig,
+    SocketIoConfig,
+    BalancerConfig,
+    FleetConfig
+);
 
 /// A refused fleet file: where, which key, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -344,7 +350,10 @@ impl FleetConfig {
             return Err(("workers.drain_window_secs", "must be at most 3600".into()));
         }
         if !w.upstreams.is_empty() && w.discover.is_some() {
-            return Err(("workers.discover", "give either upstreams or discover, not both".into()));
+            return Err((
+                "workers.discover",
+                "give either upstreams or discover, not both".into(),
+            ));
         }
         for up in &w.upstreams {
             validate_host_port(up).map_err(|m| ("workers.upstreams", m))?;
@@ -352,21 +361,33 @@ impl FleetConfig {
         if let Some(d) = &w.discover {
             validate_host_port(d).map_err(|m| ("workers.discover", m))?;
         }
-        if w.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+        if w.command
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c[0].is_empty())
+        {
             return Err(("workers.command", "must name a program".into()));
         }
         let b = &self.balancer;
         if !(b.load_factor >= 1.0 && b.load_factor <= 100.0) {
-            return Err(("balancer.load_factor", format!("must be 1.0 to 100, got {}", b.load_factor)));
+            return Err((
+                "balancer.load_factor",
+                format!("must be 1.0 to 100, got {}", b.load_factor),
+            ));
         }
         for p in &b.trusted_proxies {
             parse_cidr(p).map_err(|m| ("balancer.trusted_proxies", m))?;
         }
         if !(100..=60_000).contains(&b.health_check_interval_ms) {
-            return Err(("balancer.health_check_interval_ms", "must be 100 to 60000".into()));
+            return Err((
+                "balancer.health_check_interval_ms",
+                "must be 100 to 60000".into(),
+            ));
         }
         if b.health_check_failures == 0 {
-            return Err(("balancer.health_check_failures", "must be at least 1".into()));
+            return Err((
+                "balancer.health_check_failures",
+                "must be at least 1".into(),
+            ));
         }
         if b.sticky_secret.is_empty() {
             return Err(("balancer.sticky_secret", "must not be empty".into()));
@@ -444,14 +465,18 @@ impl FleetConfig {
     /// The balancer's grace period on SIGTERM.
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(
-            self.balancer.grace_period_secs.unwrap_or(self.workers.drain_window_secs + 5),
+            self.balancer
+                .grace_period_secs
+                .unwrap_or(self.workers.drain_window_secs + 5),
         )
     }
 }
 
 /// `host:port` with a non-empty host and a port from 1 to 65535.
 pub fn validate_host_port(s: &str) -> Result<(), String> {
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
@@ -467,11 +492,18 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
         Some((ip, len)) => (ip, Some(len)),
         None => (s, None),
     };
-    let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
+    let ip: std::net::IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
         None => max,
-        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
     };
     Ok((ip, len))
 }
@@ -674,10 +706,14 @@ workers:
         let err = FleetConfig::from_yaml_str("balancer:\n  placement: round-robin\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("balancer.placement"), "{err}");
         let err = FleetConfig::from_yaml_str("balancer:\n  load_factor: 0.5\n").unwrap_err();
-        assert_eq!((err.key.as_deref(), err.line), (Some("balancer.load_factor"), Some(2)));
+        assert_eq!(
+            (err.key.as_deref(), err.line),
+            (Some("balancer.load_factor"), Some(2))
+        );
         let err = FleetConfig::from_yaml_str("workers:\n  discover: fleet\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("workers.discover"));
-        let err = FleetConfig::from_yaml_str("balancer:\n  trusted_proxies: [10.0.0.0/40]\n").unwrap_err();
+        let err = FleetConfig::from_yaml_str("balancer:\n  trusted_proxies: [10.0.0.0/40]\n")
+            .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("balancer.trusted_proxies"));
     }
 

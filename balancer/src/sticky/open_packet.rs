@@ -27,14 +27,20 @@ pub fn rewrite(body: &[u8], tag: Tag) -> Result<Vec<u8>, OpenPacketError> {
         return Ok(out);
     }
     // EIO3: "<len>:<packet>" where len counts characters (the open packet is ASCII).
-    let colon = body.iter().take(8).position(|b| *b == b':').ok_or(OpenPacketError::NotOpenPacket)?;
+    let colon = body
+        .iter()
+        .take(8)
+        .position(|b| *b == b':')
+        .ok_or(OpenPacketError::NotOpenPacket)?;
     let len: usize = std::str::from_utf8(&body[..colon])
         .ok()
         .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|d| d.parse().ok())
         .ok_or(OpenPacketError::NotOpenPacket)?;
     let start = colon + 1;
-    let packet = body.get(start..start + len).ok_or(OpenPacketError::NotOpenPacket)?;
+    let packet = body
+        .get(start..start + len)
+        .ok_or(OpenPacketError::NotOpenPacket)?;
     if packet.first() != Some(&b'0') || !packet.is_ascii() {
         return Err(OpenPacketError::NotOpenPacket);
     }
@@ -47,11 +53,20 @@ pub fn rewrite(body: &[u8], tag: Tag) -> Result<Vec<u8>, OpenPacketError> {
 
 /// `0{json}` → `0{json with the sid tagged}`.
 fn rewrite_packet(packet: &[u8], tag: Tag) -> Result<Vec<u8>, OpenPacketError> {
-    let json = packet.strip_prefix(b"0").ok_or(OpenPacketError::NotOpenPacket)?;
-    let mut value: Value = serde_json::from_slice(json).map_err(|_| OpenPacketError::NotOpenPacket)?;
-    let obj = value.as_object_mut().ok_or(OpenPacketError::NotOpenPacket)?;
+    let json = packet
+        .strip_prefix(b"0")
+        .ok_or(OpenPacketError::NotOpenPacket)?;
+    let mut value: Value =
+        serde_json::from_slice(json).map_err(|_| OpenPacketError::NotOpenPacket)?;
+    let obj = value
+        .as_object_mut()
+        .ok_or(OpenPacketError::NotOpenPacket)?;
     let sid = match obj.get("sid") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SID_LEN && s.bytes().all(is_sid_char) => s.clone(),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_SID_LEN && s.bytes().all(is_sid_char) =>
+        {
+            s.clone()
+        }
         _ => return Err(OpenPacketError::BadSid),
     };
     obj.insert("sid".into(), Value::String(TaggedSid::encode(tag, &sid)));
@@ -101,13 +116,27 @@ mod tests {
         let (len, rest) = out.split_once(':').unwrap();
         let len: usize = len.parse().unwrap();
         assert_eq!(&rest[len..], "2:40");
-        assert!(TaggedSid::parse(&sid_of(rest[..len].as_bytes())).is_ok());
+        assert!(TaggedSid::parse(&sid_of(&rest.as_bytes()[..len])).is_ok());
     }
 
     #[test]
     fn refuses_junk() {
-        for bad in [&b""[..], b"x", b"0", b"0[]", b"0{\"sid\":1}", b"0{\"sid\":\"a b\"}", b"99:0{}", b"2:0{", b"1:x"] {
-            assert!(rewrite(bad, tag()).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b"x",
+            b"0",
+            b"0[]",
+            b"0{\"sid\":1}",
+            b"0{\"sid\":\"a b\"}",
+            b"99:0{}",
+            b"2:0{",
+            b"1:x",
+        ] {
+            assert!(
+                rewrite(bad, tag()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

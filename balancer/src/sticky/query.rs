@@ -94,7 +94,10 @@ mod tests {
         assert_eq!(p.sid.as_deref(), Some("ABCDEFGH.xyz"));
         assert_eq!(p.transport.as_deref(), Some("polling"));
         assert_eq!(with_sid(q, "xyz"), "EIO=4&transport=polling&t=PZ1&sid=xyz");
-        assert_eq!(parse(Some("sid=A%2Eb")).unwrap().sid.as_deref(), Some("A.b"));
+        assert_eq!(
+            parse(Some("sid=A%2Eb")).unwrap().sid.as_deref(),
+            Some("A.b")
+        );
         assert_eq!(parse(Some("sid=a&sid=b")), Err(QueryError::RepeatedSid));
         assert_eq!(parse(Some("sid=%zz")), Err(QueryError::BadEncoding));
         assert_eq!(parse(Some("sid=%e2")), Err(QueryError::BadEncoding));

@@ -28,7 +28,9 @@ impl Tag {
         h.update(identity.as_bytes());
         let digest = h.finalize();
         let mut out = [0u8; TAG_LEN];
-        let n = URL_SAFE_NO_PAD.encode_slice(&digest[..6], &mut out).expect("6 bytes fit 8 chars");
+        let n = URL_SAFE_NO_PAD
+            .encode_slice(&digest[..6], &mut out)
+            .expect("6 bytes fit 8 chars");
         debug_assert_eq!(n, TAG_LEN);
         Tag(out)
     }
@@ -120,7 +122,16 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "abc", "ABCDEFGH", "ABCDEFGH.", "ABCDEFGHxsid", "ABC$EFGH.sid", "ABCDEFGH.s d", "ABCDEFGH.a.b"] {
+        for bad in [
+            "",
+            "abc",
+            "ABCDEFGH",
+            "ABCDEFGH.",
+            "ABCDEFGHxsid",
+            "ABC$EFGH.sid",
+            "ABCDEFGH.s d",
+            "ABCDEFGH.a.b",
+        ] {
             assert_eq!(TaggedSid::parse(bad), Err(SidError::Malformed), "{bad:?}");
         }
         let long = format!("ABCDEFGH.{}", "a".repeat(MAX_SID_LEN + 1));

@@ -1,0 +1,81 @@
+//! The balancer's metrics, registered in the default registry that `/metrics` serves.
+
+use std::sync::LazyLock;
+
+use pingora_prometheus::prometheus::{
+    Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, register_histogram,
+    register_int_counter_vec, register_int_gauge_vec,
+};
+
+/// Every balancer metric (names are a contract).
+pub struct Metrics {
+    /// Requests proxied, by worker and transport.
+    pub requests: IntCounterVec,
+    /// Open WebSockets, by worker.
+    pub websockets: IntGaugeVec,
+    /// New sessions placed, by worker.
+    pub placed: IntCounterVec,
+    /// Requests refused by stickiness, by reason.
+    pub sticky_rejects: IntCounterVec,
+    /// Failures talking to a worker.
+    pub upstream_errors: IntCounterVec,
+    /// 1 while a worker passes its health check.
+    pub worker_up: IntGaugeVec,
+    /// Worker process restarts by the supervisor.
+    pub restarts: IntCounterVec,
+    /// Time from request to response end (WebSockets excluded).
+    pub duration: Histogram,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let c = |name: &str, help: &str, label: &[&str]| {
+        register_int_counter_vec!(Opts::new(name, help), label).expect("unique metric name")
+    };
+    let g = |name: &str, help: &str| {
+        register_int_gauge_vec!(Opts::new(name, help), &["worker"]).expect("unique metric name")
+    };
+    Metrics {
+        requests: c(
+            "fleet_balancer_requests_total",
+            "Requests proxied",
+            &["worker", "transport"],
+        ),
+        websockets: g("fleet_balancer_websockets_active", "Open WebSockets"),
+        placed: c(
+            "fleet_balancer_sessions_placed_total",
+            "New sessions placed",
+            &["worker"],
+        ),
+        sticky_rejects: c(
+            "fleet_balancer_sticky_rejects_total",
+            "Requests refused by stickiness",
+            &["reason"],
+        ),
+        upstream_errors: c(
+            "fleet_balancer_upstream_errors_total",
+            "Failures talking to a worker",
+            &["worker"],
+        ),
+        worker_up: g(
+            "fleet_balancer_worker_up",
+            "1 while the worker passes its health check",
+        ),
+        restarts: c(
+            "fleet_balancer_worker_restarts_total",
+            "Worker restarts by the supervisor",
+            &["worker"],
+        ),
+        duration: register_histogram!(
+            HistogramOpts::new(
+                "fleet_balancer_request_duration_seconds",
+                "Request duration, WebSockets excluded"
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                60.0
+            ])
+        )
+        .expect("unique metric name"),
+    }
+});

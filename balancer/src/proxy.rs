@@ -1,0 +1,326 @@
+//! The `ProxyHttp` implementation, hooks in phase order: route by the sid's tag (or place a
+//! new session), forward with the plain sid, tag the sid in the handshake response, count.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ipnet::IpNet;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{ProxyHttp, Session};
+use shared::FleetConfig;
+
+use crate::metrics::METRICS;
+use crate::sticky::{Tag, TaggedSid, open_packet, query};
+use crate::upstreams::Upstreams;
+
+/// Per-request state.
+pub struct Ctx {
+    worker: Option<SocketAddr>,
+    label: String,
+    transport: &'static str,
+    /// Set on a polling handshake: the response body's sid gets this tag.
+    rewrite_tag: Option<Tag>,
+    body: Vec<u8>,
+    websocket: bool,
+    started: Instant,
+}
+
+/// The front proxy.
+pub struct FleetProxy {
+    upstreams: Arc<Upstreams>,
+    path: String,
+    trusted: Vec<IpNet>,
+    upstream_read_timeout: Duration,
+    ws_read_timeout: Duration,
+}
+
+impl FleetProxy {
+    /// A proxy for a fleet file's workers.
+    pub fn new(upstreams: Arc<Upstreams>, cfg: &FleetConfig) -> Self {
+        let trusted = cfg
+            .balancer
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| shared::config::parse_cidr(p).ok())
+            .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
+            .collect();
+        let heartbeat =
+            Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);
+        FleetProxy {
+            upstreams,
+            path: cfg.socketio.path.trim_end_matches('/').to_owned(),
+            trusted,
+            // A long-poll is held up to a ping interval; allow a full heartbeat plus slack.
+            upstream_read_timeout: heartbeat + Duration::from_secs(5),
+            // An open WebSocket carries a ping every interval; twice the heartbeat is dead.
+            ws_read_timeout: heartbeat * 2,
+        }
+    }
+
+    /// The client's address: the TCP peer, or the nearest untrusted hop of X-Forwarded-For
+    /// when the peer is a trusted proxy.
+    fn client_ip(&self, session: &Session) -> Option<IpAddr> {
+        let peer = session.client_addr()?.as_inet()?.ip();
+        if !self.trusted.iter().any(|n| n.contains(&peer)) {
+            return Some(peer);
+        }
+        let xff = session
+            .req_header()
+            .headers
+            .get("x-forwarded-for")?
+            .to_str()
+            .ok()?;
+        xff.rsplit(',')
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .find(|ip| !self.trusted.iter().any(|n| n.contains(ip)))
+            .or(Some(peer))
+    }
+
+    async fn reject(
+        &self,
+        session: &mut Session,
+        status: u16,
+        reason: &str,
+        body: &'static str,
+    ) -> Result<bool> {
+        if !reason.is_empty() {
+            METRICS.sticky_rejects.with_label_values(&[reason]).inc();
+        }
+        let json = body.starts_with('{');
+        let mut resp = ResponseHeader::build(status, Some(3))?;
+        resp.insert_header(
+            "Content-Type",
+            if json {
+                "application/json"
+            } else {
+                "text/plain"
+            },
+        )?;
+        resp.insert_header("Content-Length", body.len().to_string())?;
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await?;
+        Ok(true)
+    }
+}
+
+const SESSION_UNKNOWN: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
+const BAD_REQUEST: &str = r#"{"code":3,"message":"Bad request"}"#;
+
+#[async_trait]
+impl ProxyHttp for FleetProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            worker: None,
+            label: String::new(),
+            transport: "other",
+            rewrite_tag: None,
+            body: Vec::new(),
+            websocket: false,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let uri = &session.req_header().uri;
+        let path = uri.path();
+        if path != self.path && !path.starts_with(&format!("{}/", self.path)) {
+            return self.reject(session, 404, "", "not found\n").await;
+        }
+        let raw_query = uri.query().unwrap_or("").to_owned();
+        let Ok(params) = query::parse(Some(&raw_query)) else {
+            return self.reject(session, 400, "malformed", BAD_REQUEST).await;
+        };
+        ctx.transport = match params.transport.as_deref() {
+            Some("polling") => "polling",
+            Some("websocket") => "websocket",
+            _ => return self.reject(session, 400, "", BAD_REQUEST).await,
+        };
+        let worker = match params.sid.as_deref() {
+            Some(text) => {
+                let Ok(tagged) = TaggedSid::parse(text) else {
+                    return self
+                        .reject(session, 400, "malformed", SESSION_UNKNOWN)
+                        .await;
+                };
+                let addr = match self.upstreams.by_tag(tagged.tag) {
+                    None => {
+                        return self
+                            .reject(session, 400, "unknown_worker", SESSION_UNKNOWN)
+                            .await;
+                    }
+                    Some((_, false)) => {
+                        return self
+                            .reject(session, 400, "worker_down", SESSION_UNKNOWN)
+                            .await;
+                    }
+                    Some((addr, true)) => addr,
+                };
+                // The worker sees exactly its own sid.
+                let new_uri = format!(
+                    "{}?{}",
+                    session.req_header().uri.path(),
+                    query::with_sid(&raw_query, tagged.sid)
+                );
+                let new_uri = new_uri
+                    .parse()
+                    .or_err(ErrorType::InvalidHTTPHeader, "rewritten uri")?;
+                session.req_header_mut().set_uri(new_uri);
+                addr
+            }
+            None => {
+                let key = self
+                    .client_ip(session)
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default();
+                let Some(addr) = self.upstreams.place(key.as_bytes()) else {
+                    return self.reject(session, 503, "", "no worker ready\n").await;
+                };
+                METRICS
+                    .placed
+                    .with_label_values(&[self.upstreams.label(&addr).as_str()])
+                    .inc();
+                if ctx.transport == "polling" {
+                    ctx.rewrite_tag = Some(self.upstreams.tag_of(&addr));
+                }
+                addr
+            }
+        };
+        if session.is_upgrade_req() {
+            session.set_read_timeout(Some(self.ws_read_timeout));
+        }
+        ctx.label = self.upstreams.label(&worker);
+        ctx.worker = Some(worker);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let addr = ctx
+            .worker
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no worker chosen"))?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_secs(2));
+        peer.options.read_timeout = Some(self.upstream_read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let trusted = self.trusted.iter().any(|n| n.contains(&peer));
+            let xff = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if trusted => format!("{prev}, {peer}"),
+                _ => peer.to_string(),
+            };
+            req.insert_header("X-Forwarded-For", xff)?;
+            if !trusted || req.headers.get("x-forwarded-proto").is_none() {
+                req.insert_header("X-Forwarded-Proto", "http")?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.as_u16() == 101 {
+            ctx.websocket = true;
+            METRICS
+                .websockets
+                .with_label_values(&[ctx.label.as_str()])
+                .inc();
+        }
+        if ctx.rewrite_tag.is_some() {
+            if resp.status.as_u16() == 200 {
+                // The body grows by the tag: re-frame it rather than trust the old length.
+                resp.remove_header("Content-Length");
+                resp.insert_header("Transfer-Encoding", "chunked")?;
+            } else {
+                ctx.rewrite_tag = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let Some(tag) = ctx.rewrite_tag else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.take() {
+            ctx.body.extend_from_slice(&chunk);
+        }
+        if end {
+            let original = std::mem::take(&mut ctx.body);
+            *body = Some(match open_packet::rewrite(&original, tag) {
+                Ok(rewritten) => Bytes::from(rewritten),
+                Err(e) => {
+                    tracing::warn!(worker = %ctx.label, "handshake not rewritten: {e}");
+                    Bytes::from(original)
+                }
+            });
+        }
+        Ok(None)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        ctx.websocket
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let Some(_) = ctx.worker else { return };
+        METRICS
+            .requests
+            .with_label_values(&[ctx.label.as_str(), ctx.transport])
+            .inc();
+        if ctx.websocket {
+            METRICS
+                .websockets
+                .with_label_values(&[ctx.label.as_str()])
+                .dec();
+        } else {
+            METRICS
+                .duration
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+        // A WebSocket ends with a reset from either side as a matter of course: not an error.
+        if let Some(e) = e
+            && !ctx.websocket
+            && matches!(e.esource(), pingora_core::ErrorSource::Upstream)
+        {
+            METRICS
+                .upstream_errors
+                .with_label_values(&[ctx.label.as_str()])
+                .inc();
+        }
+    }
+}

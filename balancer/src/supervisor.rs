@@ -1,0 +1,149 @@
+//! The worker supervisor (Node's `cluster.fork`, supervised): runs `workers.count` worker
+//! processes, prefixes their log lines with the worker id, restarts a crashed one with capped
+//! backoff, and on shutdown lets every worker drain, then ends them.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use shared::{Backoff, FleetConfig, Shutdown};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::metrics::METRICS;
+
+/// A worker that ran this long before dying is restarted without waiting.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// Runs the workers of a fleet file.
+pub struct Supervisor {
+    /// The fleet file, passed on to each worker.
+    pub config_path: PathBuf,
+    /// Program and leading arguments of a worker.
+    pub command: Vec<String>,
+    /// How many workers.
+    pub count: u32,
+    /// How long a worker may take to drain before it is killed.
+    pub drain_limit: Duration,
+}
+
+impl Supervisor {
+    /// The supervisor for a fleet file, running the configured command or the `worker`
+    /// binary next to this executable.
+    pub fn new(cfg: &FleetConfig, config_path: PathBuf) -> Self {
+        let command = cfg.workers.command.clone().unwrap_or_else(|| {
+            let exe = std::env::current_exe().ok();
+            let dir = exe
+                .as_deref()
+                .and_then(|p| p.parent())
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            vec![dir.join("worker").to_string_lossy().into_owned()]
+        });
+        Supervisor {
+            config_path,
+            command,
+            count: cfg.workers.count,
+            drain_limit: cfg.workers.drain_window() + Duration::from_secs(3),
+        }
+    }
+
+    fn spawn(&self, index: u32) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--index")
+            .arg(index.to_string())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child if
+        // the balancer dies without cleaning up (kill -9), so no worker outlives it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let id = FleetConfig::worker_id(index);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(prefix_lines(id.clone(), out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(prefix_lines(id, err));
+        }
+        Ok(child)
+    }
+
+    /// Keep worker `index` running until shutdown; then drain it.
+    async fn keep_running(&self, index: u32, mut shutdown: Shutdown) {
+        let id = FleetConfig::worker_id(index);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let started = Instant::now();
+            let mut child = match self.spawn(index) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(worker = %id, command = ?self.command, "cannot start worker: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                        _ = shutdown.recv() => return,
+                    }
+                }
+            };
+            tracing::info!(worker = %id, pid = child.id(), "worker started");
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = shutdown.recv() => return self.stop(&id, child).await,
+            };
+            METRICS.restarts.with_label_values(&[id.as_str()]).inc();
+            if started.elapsed() > HEALTHY_RUN {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(worker = %id, ?status, restart_in_ms = delay.as_millis() as u64, "worker exited; restarting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.recv() => return,
+            }
+        }
+    }
+
+    /// SIGTERM (the worker drains), then SIGKILL if it outlives its drain window.
+    async fn stop(&self, id: &str, mut child: Child) {
+        if let Some(pid) = child.id() {
+            // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(self.drain_limit, child.wait()).await {
+            Ok(status) => tracing::info!(worker = %id, ?status, "worker stopped"),
+            Err(_) => {
+                tracing::warn!(worker = %id, "worker did not finish draining in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Supervisor {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let shutdown = Shutdown::from_watch(shutdown);
+        let all = (0..self.count).map(|i| self.keep_running(i, shutdown.clone()));
+        futures::future::join_all(all).await;
+    }
+}
+
+async fn prefix_lines(id: String, stream: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        println!("[{id}] {line}");
+    }
+}
