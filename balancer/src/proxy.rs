@@ -13,9 +13,10 @@ use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 use shared::FleetConfig;
+use shared::eio_query as query;
 
 use crate::metrics::METRICS;
-use crate::sticky::{Tag, TaggedSid, open_packet, query};
+use crate::sticky::{Tag, TaggedSid, open_packet};
 use crate::upstreams::Upstreams;
 
 /// Per-request state.
@@ -133,7 +134,7 @@ impl ProxyHttp for FleetProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let uri = &session.req_header().uri;
         let path = uri.path();
-        if path != self.path && !path.starts_with(&format!("{}/", self.path)) {
+        if !query::under_path(path, &self.path) {
             return self.reject(session, 404, "", "not found\n").await;
         }
         let raw_query = uri.query().unwrap_or("").to_owned();

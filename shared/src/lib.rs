@@ -5,11 +5,13 @@
 //! - [`metrics`]: every metric and label name, as constants (the names are a contract).
 //! - [`backoff`]: capped exponential backoff with jitter, pure.
 //! - [`shutdown`]: a cloneable "stop now" signal over a `watch` channel.
+//! - [`eio_query`]: the Engine.IO query parameters (`sid`, `transport`), parsed and rewritten.
 //! - [`protocol`]: the default app's event names and limits.
 #![warn(missing_docs)]
 
 pub mod backoff;
 pub mod config;
+pub mod eio_query;
 pub mod metrics;
 pub mod protocol;
 pub mod shutdown;

@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
+use shared::eio_query;
 use socketioxide::SocketIo;
 use socketioxide::service::SocketIoService;
 
@@ -47,7 +48,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
-    if path == ctx.sio_path || path.starts_with(&format!("{}/", ctx.sio_path)) {
+    if shared::eio_query::under_path(path, &ctx.sio_path) {
         req.extensions_mut().insert(conn);
         return Ok(engine_io(&ctx, conn, req).await);
     }
@@ -70,35 +71,9 @@ pub async fn handle(
     })
 }
 
-/// The Engine.IO query parameters the edge cares about.
-#[derive(Debug, Default, PartialEq)]
-pub struct EioQuery {
-    /// Session id, absent on a handshake.
-    pub sid: Option<String>,
-    /// `polling` or `websocket`.
-    pub transport: Option<String>,
-    /// Protocol revision: "4" (default) or "3".
-    pub eio: Option<String>,
-}
-
-impl EioQuery {
-    /// Parse the parameters out of a query string.
-    pub fn parse(query: Option<&str>) -> Self {
-        let mut q = EioQuery::default();
-        for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            match &*k {
-                "sid" => q.sid = Some(v.into_owned()),
-                "transport" => q.transport = Some(v.into_owned()),
-                "EIO" => q.eio = Some(v.into_owned()),
-                _ => {}
-            }
-        }
-        q
-    }
-}
-
 async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Response<Body> {
-    let q = EioQuery::parse(req.uri().query());
+    // A query that does not parse is forwarded as is: socketioxide answers it.
+    let q = eio_query::parse(req.uri().query()).unwrap_or_default();
     let _inflight = ctx.gate.enter();
     let Some(sid) = q.sid.as_deref() else {
         if ctx.gate.is_draining() {
@@ -152,18 +127,4 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
         .expect("static headers are valid")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_engine_io_query() {
-        let q = EioQuery::parse(Some("EIO=4&transport=polling&t=x&sid=ab%2Dc"));
-        assert_eq!(q.sid.as_deref(), Some("ab-c"));
-        assert_eq!(q.transport.as_deref(), Some("polling"));
-        assert_eq!(q.eio.as_deref(), Some("4"));
-        assert_eq!(EioQuery::parse(None), EioQuery::default());
-    }
 }

@@ -152,7 +152,7 @@ pub async fn run(
 /// URL), so its connection is bound to the session here, once the id exists.
 fn bind_websocket_handshake(registry: &conn::ConnRegistry, socket: &SocketRef<FleetAdapter>) {
     let parts = socket.req_parts();
-    let q = http::EioQuery::parse(parts.uri.query());
+    let q = shared::eio_query::parse(parts.uri.query()).unwrap_or_default();
     if q.sid.is_none()
         && q.transport.as_deref() == Some("websocket")
         && let Some(id) = parts.extensions.get::<conn::ConnId>()

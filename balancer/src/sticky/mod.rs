@@ -2,7 +2,6 @@
 //! the way HAProxy's `cookie prefix` mode tags an application cookie. Pure codecs only.
 
 pub mod open_packet;
-pub mod query;
 pub mod tag;
 
 pub use tag::{Tag, TaggedSid};

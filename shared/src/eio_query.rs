@@ -1,5 +1,5 @@
-//! The Engine.IO query string: read `sid`, `transport`, `EIO`, and put back a plain sid for
-//! the worker while leaving every other parameter byte for byte.
+//! The Engine.IO query string: read `sid` and `transport`, and put back a plain sid for the
+//! worker while leaving every other parameter byte for byte. Used by balancer and worker alike.
 
 /// The parameters routing needs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,6 +38,12 @@ pub fn parse(query: Option<&str>) -> Result<EioParams, QueryError> {
         }
     }
     Ok(out)
+}
+
+/// True when `path` is the Engine.IO path (given without trailing slash) or below it.
+pub fn under_path(path: &str, eio_path: &str) -> bool {
+    path.strip_prefix(eio_path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The same query with the `sid` value replaced by `sid` (a plain base64url sid).
@@ -102,6 +108,10 @@ mod tests {
         assert_eq!(parse(Some("sid=%zz")), Err(QueryError::BadEncoding));
         assert_eq!(parse(Some("sid=%e2")), Err(QueryError::BadEncoding));
         assert_eq!(parse(None).unwrap(), EioParams::default());
+        let q = parse(Some("EIO=4&transport=polling&t=x&sid=ab%2Dc")).unwrap();
+        assert_eq!(q.sid.as_deref(), Some("ab-c"));
+        assert!(under_path("/socket.io/", "/socket.io") && under_path("/socket.io", "/socket.io"));
+        assert!(!under_path("/socket.iox", "/socket.io") && !under_path("/metrics", "/socket.io"));
     }
 
     proptest! {
