@@ -33,40 +33,8 @@ impl App for RoomsApp {
             f.count_event(EV_ECHO);
             reply(ack, arg.unwrap_or(Value::Null));
         });
-        let f = fleet.clone();
-        socket.on(
-            EV_JOIN,
-            async move |s: Socket, TryData(arg): Arg, ack: Ack| {
-                f.count_event(EV_JOIN);
-                reply(
-                    ack,
-                    match room_arg(arg.ok()) {
-                        Ok(room) => {
-                            s.join(room.clone());
-                            json!({ "ok": true, "room": room })
-                        }
-                        Err(why) => refusal(why),
-                    },
-                );
-            },
-        );
-        let f = fleet.clone();
-        socket.on(
-            EV_LEAVE,
-            async move |s: Socket, TryData(arg): Arg, ack: Ack| {
-                f.count_event(EV_LEAVE);
-                reply(
-                    ack,
-                    match room_arg(arg.ok()) {
-                        Ok(room) => {
-                            s.leave(room.clone());
-                            json!({ "ok": true, "room": room })
-                        }
-                        Err(why) => refusal(why),
-                    },
-                );
-            },
-        );
+        on_room(&socket, fleet, EV_JOIN, |s, room| s.join(room));
+        on_room(&socket, fleet, EV_LEAVE, |s, room| s.leave(room));
         let f = fleet.clone();
         socket.on(EV_PUBLISH, async move |TryData(arg): Arg, ack: Ack| {
             f.count_event(EV_PUBLISH);
@@ -84,6 +52,27 @@ impl App for RoomsApp {
             );
         });
     }
+}
+
+/// `join` and `leave`: validate the room, apply `op`, acknowledge `{"ok": true, "room"}`.
+fn on_room(socket: &Socket, fleet: &Fleet, event: &'static str, op: fn(&Socket, String)) {
+    let f = fleet.clone();
+    socket.on(
+        event,
+        async move |s: Socket, TryData(arg): Arg, ack: Ack| {
+            f.count_event(event);
+            reply(
+                ack,
+                match room_arg(arg.ok()) {
+                    Ok(room) => {
+                        op(&s, room.clone());
+                        json!({ "ok": true, "room": room })
+                    }
+                    Err(why) => refusal(why),
+                },
+            );
+        },
+    );
 }
 
 /// Acknowledge if the client asked for it; a client that went away is not an error.
