@@ -5,7 +5,6 @@ every wait is bounded (wait_until), never a bare sleep.
 """
 
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -309,5 +308,5 @@ class Closer:
 
 __all__ = [
     "Balancer", "Client", "Closer", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
-    "parse_metrics", "port_open", "signal", "wait_until",
+    "parse_metrics", "port_open", "wait_until",
 ]
