@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from fleet_harness import Balancer, Client, metric, port_open, wait_until
+from fleet_harness import Balancer, Client, Worker, metric, port_open, wait_until
 
 
 def start(closer, tmp_path, redis, **kw):
@@ -21,21 +21,19 @@ def start(closer, tmp_path, redis, **kw):
     return b
 
 
-# pingora 0.9.1 can tear an upgraded tunnel down right after the 101 when the worker answers
-# fast (cloudflare/pingora#946, fix in open PR #947): WebSocket connects through the balancer
-# fail now and then. These cases run and report, but do not gate CI until that is fixed.
-PINGORA_946 = pytest.mark.xfail(reason="pingora#946: tunnel torn down after 101 (race)", strict=False)
+def websockets_active(b):
+    m = b.metrics()
+    return sum(v for k, v in m.items() if k.startswith("fleet_balancer_websockets_active"))
 
 
-@pytest.mark.parametrize("transports", [
-    ["polling"],
-    pytest.param(["websocket"], marks=PINGORA_946),
-    pytest.param(["polling", "websocket"], marks=PINGORA_946),
-])
+@pytest.mark.parametrize("transports", [["polling"], ["websocket"], ["polling", "websocket"]])
 def test_200_clients_per_transport_sticky_and_spread(closer, tmp_path, redis, transports):
     b = start(closer, tmp_path, redis)
     clients = [closer.add(Client(b.url, transports)).connect() for _ in range(200)]
     workers = collections.Counter(c.call("whoami")["worker"] for c in clients)
+    if "websocket" in transports:
+        assert all(c.transport() == "websocket" for c in clients)
+        wait_until(lambda: websockets_active(b) == 200, 5, what="200 tunnels counted")
     assert set(workers) == {"w0", "w1", "w2"}, (transports, workers)
     mean = 200 / 3
     assert max(workers.values()) <= 1.5 * mean, (transports, workers)
@@ -44,6 +42,7 @@ def test_200_clients_per_transport_sticky_and_spread(closer, tmp_path, redis, tr
         assert c.call("echo", "x") == "x"
     for c in clients:
         c.close()
+    wait_until(lambda: websockets_active(b) == 0, 5, what="tunnels closed and uncounted")
     m = b.metrics()
     assert sum(v for k, v in m.items() if k.startswith("fleet_balancer_sticky_rejects_total")) == 0
     assert metric(m, "fleet_balancer_sessions_placed_total") >= 200
@@ -145,20 +144,63 @@ def test_bad_sids_and_garbage_answered_balancer_alive(closer, tmp_path, redis):
     assert r.status_code == 400 and "Session ID unknown" in r.text
     assert requests.get(b.url + "/metrics", timeout=5).status_code == 404
     assert requests.get(b.url + "/readyz", timeout=5).status_code == 404
-    # Junk on the wire, oversized headers: answered or dropped, never a crash.
-    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"):
-        with socket.create_connection(("127.0.0.1", b.port), timeout=5) as s:
-            s.sendall(raw)
-            try:
-                first = s.recv(100)
-            except OSError:
-                first = b""
-            assert first == b"" or first.startswith(b"HTTP/1.1 4"), first
+    # Junk on the wire: 400 (pingora's own parser); an oversized head: 431.
+    assert _raw(b.port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    big = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+    assert _raw(b.port, big).startswith(b"HTTP/1.1 431")
     assert b.alive()
     c = closer.add(Client(b.url, ["polling"])).connect()
     assert c.call("echo", "still here") == "still here"
     m = b.metrics()
     assert metric(m, "fleet_balancer_sticky_rejects_total") >= 6
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "header_too_large"}) == 1
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "session_unknown"}) >= 5
+    # One log line per class, however many requests were refused.
+    refusals = [l for l in b.output().splitlines() if " WARN first " in l]
+    classes = [re.search(r" WARN first ([^:]+):", l).group(1) for l in refusals]
+    assert sorted(classes) == sorted(set(classes)), refusals
+    assert {"session_unknown", "not_found", "header_too_large"} <= set(classes), refusals
+
+
+def _raw(port, data, timeout=5):
+    """Sends raw bytes; returns the first bytes answered, b"" when the connection is dropped."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        try:
+            return s.recv(100)
+        except OSError:
+            return b""
+
+
+def test_stalled_request_head_is_dropped(closer, tmp_path, redis):
+    b = start(closer, tmp_path, redis, extra="balancer:\n  header_timeout_secs: 1\n")
+    with socket.create_connection(("127.0.0.1", b.port), timeout=10) as s:
+        s.sendall(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed, no answer
+        assert time.monotonic() - t0 < 3
+    # A connection that sent its head keeps its normal keepalive: two requests on one
+    # connection 1.5 s apart both answer.
+    s = requests.Session()
+    assert s.get(b.url + "/socket.io/?EIO=4&transport=polling", timeout=5).status_code == 200
+    time.sleep(1.5)
+    assert s.get(b.url + "/socket.io/?EIO=4&transport=polling", timeout=5).status_code == 200
+    assert b.alive()
+
+
+def test_websocket_upgrade_refused_by_worker_is_relayed(closer, tmp_path, redis):
+    """An upgrade the worker refuses (no Sec-WebSocket-Key): the worker's own 4xx reaches the
+    client, the balancer stays up, and no tunnel is counted."""
+    b = start(closer, tmp_path, redis)
+    r = requests.get(b.url + "/socket.io/?EIO=4&transport=polling", timeout=5)
+    tag = json.loads(r.text[1:])["sid"].split(".", 1)[0]
+    req = (f"GET /socket.io/?EIO=4&transport=websocket&sid={tag}.AAAAAAAAAAAAAAAA HTTP/1.1\r\n"
+           "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    answer = _raw(b.port, req)
+    assert answer.startswith(b"HTTP/1.1 4"), answer
+    assert websockets_active(b) == 0
+    assert b.alive()
 
 
 def test_sigterm_drains_workers_and_exits(closer, tmp_path, redis):
@@ -172,3 +214,38 @@ def test_sigterm_drains_workers_and_exits(closer, tmp_path, redis):
     for i in range(3):
         assert not port_open(b.base_port + i)
     assert code == 0
+
+
+def _handshake_tag(url, headers=None):
+    r = requests.get(url + "/socket.io/?EIO=4&transport=polling", headers=headers or {}, timeout=5)
+    assert r.status_code == 200, r.text
+    return json.loads(r.text[1:])["sid"].split(".", 1)[0]
+
+
+def test_client_address_from_trusted_proxy_only(closer, tmp_path, redis):
+    """ip-hash placement keys on the client address: X-Forwarded-For is believed from a trusted
+    peer (spreading clients behind it) and ignored from anyone else."""
+    trusting = start(closer, tmp_path, redis, extra="balancer:\n  placement: ip-hash\n  trusted_proxies: [127.0.0.0/8]\n")
+    ips = [f"10.0.{i}.{i}" for i in range(30)]
+    tags = {ip: _handshake_tag(trusting.url, {"X-Forwarded-For": f"203.0.113.9, {ip}"}) for ip in ips}
+    for ip in ips[:5]:  # the same client address always lands on the same worker
+        assert _handshake_tag(trusting.url, {"X-Forwarded-For": ip}) == tags[ip]
+    assert len(set(tags.values())) == 3, tags
+    untrusting = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=trusting.base_port,
+                                     extra="balancer:\n  placement: ip-hash\n", name="bal2"))
+    untrusting.wait_ready()
+    seen = {_handshake_tag(untrusting.url, {"X-Forwarded-For": ip}) for ip in ips}
+    assert len(seen) == 1, seen  # every request is from 127.0.0.1, whatever the header says
+
+
+def test_workers_found_by_dns_name(closer, tmp_path, redis):
+    """`workers.discover: localhost:PORT` resolves the name and fronts what it finds."""
+    w = closer.add(Worker(redis.url, wid="solo"))
+    w.wait_ready()
+    b = closer.add(Balancer(tmp_path, redis.url, count=1, spawn=False,
+                            extra=f"  discover: localhost:{w.port}\n"))
+    wait_until(lambda: requests.get(b.admin + "/readyz", timeout=2).status_code == 200, 20, what="balancer ready")
+    c = closer.add(Client(b.url, ["polling", "websocket"])).connect()
+    assert c.call("whoami")["worker"] == "solo"
+    sd = requests.get(b.admin + "/sd", timeout=2).json()
+    assert any(f"127.0.0.1:{w.port}" in t for g in sd for t in g["targets"]), sd

@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`serve`] (here): builds the pingora server from a fleet file, one service per part.
-//! - [`proxy`]: the `ProxyHttp` hooks: route by sid tag or place, tag handshakes, count.
+//! - [`front`]: the public listener's connection loop (head timeout).
+//! - [`proxy`]: the `ProxyHttp` hooks: route by sid tag or place, tag handshakes, count;
+//!   [`ws_tunnel`]: WebSocket upgrades; [`rejections`]: refusals, logged once per class.
 //! - [`sticky`]: pure codecs: tags, the open packet rewrite, the query string.
 //! - [`upstreams`]: workers, their tags and loads, and placement policies.
 //! - [`discovery`]: which workers exist; [`health`]: `/readyz` checks;
@@ -13,13 +15,16 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod front;
 pub mod health;
 pub mod load_poll;
 pub mod metrics;
 pub mod proxy;
+pub mod rejections;
 pub mod sticky;
 pub mod supervisor;
 pub mod upstreams;
+pub mod ws_tunnel;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,9 +64,15 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     let lb_service = background_service("worker health", lb);
     let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
 
-    let mut proxy = pingora_proxy::http_proxy_service(
-        &server.configuration,
-        proxy::FleetProxy::new(Arc::clone(&upstreams), cfg),
+    let mut proxy = Service::new(
+        "proxy".to_owned(),
+        front::Front::new(
+            pingora_proxy::http_proxy(
+                &server.configuration,
+                proxy::FleetProxy::new(Arc::clone(&upstreams), cfg),
+            ),
+            cfg.balancer.header_timeout_secs,
+        ),
     );
     proxy.add_tcp(&cfg.listen.to_string());
     let mut admin = Service::new(

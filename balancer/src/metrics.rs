@@ -17,6 +17,8 @@ pub struct Metrics {
     pub placed: IntCounterVec,
     /// Requests refused by stickiness, by reason.
     pub sticky_rejects: IntCounterVec,
+    /// Requests refused by the balancer itself, by class.
+    pub rejects: IntCounterVec,
     /// Failures talking to a worker.
     pub upstream_errors: IntCounterVec,
     /// 1 while a worker passes its health check.
@@ -51,6 +53,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "fleet_balancer_sticky_rejects_total",
             "Requests refused by stickiness",
             &["reason"],
+        ),
+        rejects: c(
+            "fleet_balancer_rejects_total",
+            "Requests refused by the balancer",
+            &["class"],
         ),
         upstream_errors: c(
             "fleet_balancer_upstream_errors_total",

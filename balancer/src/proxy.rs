@@ -15,9 +15,12 @@ use pingora_proxy::{ProxyHttp, Session};
 use shared::FleetConfig;
 use shared::eio_query as query;
 
+use crate::front;
 use crate::metrics::METRICS;
+use crate::rejections::{Class, RejectLog};
 use crate::sticky::{Tag, TaggedSid, open_packet};
 use crate::upstreams::Upstreams;
+use crate::ws_tunnel;
 
 /// Per-request state.
 pub struct Ctx {
@@ -38,6 +41,8 @@ pub struct FleetProxy {
     trusted: Vec<IpNet>,
     upstream_read_timeout: Duration,
     ws_read_timeout: Duration,
+    max_header_bytes: usize,
+    rejections: RejectLog,
 }
 
 impl FleetProxy {
@@ -60,6 +65,8 @@ impl FleetProxy {
             upstream_read_timeout: heartbeat + Duration::from_secs(5),
             // An open WebSocket carries a ping every interval; twice the heartbeat is dead.
             ws_read_timeout: heartbeat * 2,
+            max_header_bytes: cfg.balancer.max_header_bytes,
+            rejections: RejectLog::default(),
         }
     }
 
@@ -82,16 +89,37 @@ impl FleetProxy {
             .or(Some(peer))
     }
 
+    /// Answers a refused request itself, counted and logged once per class; `sticky` also
+    /// counts it as a stickiness refusal with that reason.
     async fn reject(
         &self,
         session: &mut Session,
-        status: u16,
-        reason: &str,
-        body: &'static str,
+        class: Class,
+        sticky: Option<&'static str>,
     ) -> Result<bool> {
-        if !reason.is_empty() {
+        if let Some(reason) = sticky {
             METRICS.sticky_rejects.with_label_values(&[reason]).inc();
         }
+        let req = session.req_header();
+        let mut target = req.uri.to_string();
+        target.truncate(120);
+        let peer = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        METRICS.rejects.with_label_values(&[class.as_str()]).inc();
+        self.rejections.note(
+            class.as_str(),
+            &format_args!("{} {target} from {peer}", req.method),
+        );
+        let (status, body) = match class {
+            Class::NotFound => (404, "not found\n"),
+            Class::BadRequest => (400, BAD_REQUEST),
+            Class::SessionUnknown => (400, SESSION_UNKNOWN),
+            Class::HeaderTooLarge => (431, "request header fields too large\n"),
+            Class::NoWorker => (503, "no worker ready\n"),
+            Class::UpstreamFailed => (502, "worker unavailable\n"),
+        };
         let json = body.starts_with('{');
         let mut resp = ResponseHeader::build(status, Some(3))?;
         resp.insert_header(
@@ -112,6 +140,75 @@ impl FleetProxy {
     }
 }
 
+impl FleetProxy {
+    /// X-Forwarded-For / -Proto: appended to when the peer is a trusted proxy, else replaced.
+    fn add_forwarded(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+        let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        let trusted = self.trusted.iter().any(|n| n.contains(&peer));
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) if trusted => format!("{prev}, {peer}"),
+            _ => peer.to_string(),
+        };
+        req.insert_header("X-Forwarded-For", xff)?;
+        if !trusted || req.headers.get("x-forwarded-proto").is_none() {
+            req.insert_header("X-Forwarded-Proto", "http")?;
+        }
+        Ok(())
+    }
+
+    /// A WebSocket upgrade: tunnelled here, not by pingora's proxy loop (see `ws_tunnel`).
+    async fn tunnel(
+        &self,
+        session: &mut Session,
+        worker: SocketAddr,
+        ctx: &mut Ctx,
+    ) -> Result<bool> {
+        session.set_read_timeout(Some(self.ws_read_timeout));
+        let mut req = session.req_header().clone();
+        self.add_forwarded(session, &mut req)?;
+        let limits = ws_tunnel::Limits {
+            connect: CONNECT_TIMEOUT,
+            handshake: self.upstream_read_timeout,
+        };
+        let label = ctx.label.as_str();
+        let result = ws_tunnel::run(session, worker, &req, &limits, || {
+            METRICS.websockets.with_label_values(&[label]).inc();
+        })
+        .await;
+        match result {
+            Ok(ws_tunnel::Outcome::Tunnelled) => ctx.websocket = true,
+            Ok(ws_tunnel::Outcome::Refused) => {}
+            Err(e) => {
+                tracing::debug!(worker = %ctx.label, "websocket upgrade failed: {e}");
+                METRICS.upstream_errors.with_label_values(&[label]).inc();
+                return self.reject(session, Class::UpstreamFailed, None).await;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The size of a request head as sent, near enough: request line and header lines.
+fn head_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    req.headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// How long to wait for a worker to accept a TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 const SESSION_UNKNOWN: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
 const BAD_REQUEST: &str = r#"{"code":3,"message":"Bad request"}"#;
 
@@ -131,37 +228,48 @@ impl ProxyHttp for FleetProxy {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // The head has arrived: from now on the connection idles under the normal keepalive.
+        session.set_keepalive(Some(front::KEEPALIVE_SECS));
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if head_size(session.req_header()) > self.max_header_bytes {
+            return self.reject(session, Class::HeaderTooLarge, None).await;
+        }
         let uri = &session.req_header().uri;
         let path = uri.path();
         if !query::under_path(path, &self.path) {
-            return self.reject(session, 404, "", "not found\n").await;
+            return self.reject(session, Class::NotFound, None).await;
         }
         let raw_query = uri.query().unwrap_or("").to_owned();
         let Ok(params) = query::parse(Some(&raw_query)) else {
-            return self.reject(session, 400, "malformed", BAD_REQUEST).await;
+            return self
+                .reject(session, Class::BadRequest, Some("malformed"))
+                .await;
         };
         ctx.transport = match params.transport.as_deref() {
             Some("polling") => "polling",
             Some("websocket") => "websocket",
-            _ => return self.reject(session, 400, "", BAD_REQUEST).await,
+            _ => return self.reject(session, Class::BadRequest, None).await,
         };
         let worker = match params.sid.as_deref() {
             Some(text) => {
                 let Ok(tagged) = TaggedSid::parse(text) else {
                     return self
-                        .reject(session, 400, "malformed", SESSION_UNKNOWN)
+                        .reject(session, Class::SessionUnknown, Some("malformed"))
                         .await;
                 };
                 let addr = match self.upstreams.by_tag(tagged.tag) {
                     None => {
                         return self
-                            .reject(session, 400, "unknown_worker", SESSION_UNKNOWN)
+                            .reject(session, Class::SessionUnknown, Some("unknown_worker"))
                             .await;
                     }
                     Some((_, false)) => {
                         return self
-                            .reject(session, 400, "worker_down", SESSION_UNKNOWN)
+                            .reject(session, Class::SessionUnknown, Some("worker_down"))
                             .await;
                     }
                     Some((addr, true)) => addr,
@@ -184,7 +292,7 @@ impl ProxyHttp for FleetProxy {
                     .map(|ip| ip.to_string())
                     .unwrap_or_default();
                 let Some(addr) = self.upstreams.place(key.as_bytes()) else {
-                    return self.reject(session, 503, "", "no worker ready\n").await;
+                    return self.reject(session, Class::NoWorker, None).await;
                 };
                 METRICS
                     .placed
@@ -196,11 +304,11 @@ impl ProxyHttp for FleetProxy {
                 addr
             }
         };
-        if session.is_upgrade_req() {
-            session.set_read_timeout(Some(self.ws_read_timeout));
-        }
         ctx.label = self.upstreams.label(&worker);
         ctx.worker = Some(worker);
+        if session.is_upgrade_req() {
+            return self.tunnel(session, worker, ctx).await;
+        }
         Ok(false)
     }
 
@@ -209,7 +317,7 @@ impl ProxyHttp for FleetProxy {
             .worker
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no worker chosen"))?;
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_secs(2));
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.read_timeout = Some(self.upstream_read_timeout);
         Ok(Box::new(peer))
     }
@@ -220,26 +328,7 @@ impl ProxyHttp for FleetProxy {
         req: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(peer) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
-            let trusted = self.trusted.iter().any(|n| n.contains(&peer));
-            let xff = match req
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if trusted => format!("{prev}, {peer}"),
-                _ => peer.to_string(),
-            };
-            req.insert_header("X-Forwarded-For", xff)?;
-            if !trusted || req.headers.get("x-forwarded-proto").is_none() {
-                req.insert_header("X-Forwarded-Proto", "http")?;
-            }
-        }
-        Ok(())
+        self.add_forwarded(session, req)
     }
 
     async fn response_filter(
@@ -248,13 +337,6 @@ impl ProxyHttp for FleetProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if resp.status.as_u16() == 101 {
-            ctx.websocket = true;
-            METRICS
-                .websockets
-                .with_label_values(&[ctx.label.as_str()])
-                .inc();
-        }
         if ctx.rewrite_tag.is_some() {
             if resp.status.as_u16() == 200 {
                 // The body grows by the tag: re-frame it rather than trust the old length.
@@ -293,8 +375,21 @@ impl ProxyHttp for FleetProxy {
         Ok(None)
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
-        ctx.websocket
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+        // A WebSocket ends with a reset from either side as a matter of course.
+        if !ctx.websocket {
+            // A dead worker fails every request on it: one line per kind, not per request.
+            let class = format!(
+                "{} error {}",
+                error.esource().as_str().to_lowercase(),
+                error.etype().as_str()
+            );
+            self.rejections.note(
+                &class,
+                &format_args!("worker={} transport={}: {error}", ctx.label, ctx.transport),
+            );
+        }
+        true
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

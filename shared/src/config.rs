@@ -79,6 +79,13 @@ pub struct BalancerConfig {
     /// Worker threads of the proxy. Default 2.
     #[serde(default = "defaults::threads")]
     pub threads: usize,
+    /// A new connection whose request head stalls this long (no byte arrives) is dropped, in
+    /// seconds. Default 10.
+    #[serde(default = "defaults::header_timeout_secs")]
+    pub header_timeout_secs: u64,
+    /// Request heads larger than this are answered 431. Default 16384; 1024 to 1048576.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
 }
 
 /// `redis:` section.
@@ -230,6 +237,12 @@ mod defaults {
     }
     pub fn threads() -> usize {
         2
+    }
+    pub fn header_timeout_secs() -> u64 {
+        10
+    }
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
     }
 }
 
@@ -394,6 +407,16 @@ impl FleetConfig {
         }
         if !(1..=256).contains(&b.threads) {
             return Err(("balancer.threads", "must be 1 to 256".into()));
+        }
+        if !(1..=600).contains(&b.header_timeout_secs) {
+            return Err(("balancer.header_timeout_secs", "must be 1 to 600".into()));
+        }
+        // pingora itself refuses heads over 1 MiB.
+        if !(1024..=1024 * 1024).contains(&b.max_header_bytes) {
+            return Err((
+                "balancer.max_header_bytes",
+                "must be 1024 to 1048576".into(),
+            ));
         }
         validate_redis_url(&self.redis.url).map_err(|m| ("redis.url", m))?;
         let r = &self.redis;

@@ -1,0 +1,269 @@
+//! WebSocket upgrades, tunnelled by the balancer itself rather than by pingora's proxy loop.
+//!
+//! Why: pingora 0.9.1 tears an upgraded connection down right after the 101 whenever the
+//! worker answers before the proxy has consumed the upgrade request's empty body
+//! (cloudflare/pingora#946; the fix, PR #947, is unreleased). A Socket.IO worker answers
+//! upgrades in microseconds, so under load the race is common. Here the 101 is read from the
+//! worker before the client side is touched, and the two directions are pumped until either
+//! side closes. Drop this module when pingora ships the fix.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora_core::{Error, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// The largest response head a worker may send.
+const MAX_HEAD: usize = 16 * 1024;
+/// The largest non-101 body relayed (a worker's refusal is a short JSON message).
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// How an upgrade attempt ended.
+pub enum Outcome {
+    /// The worker accepted; the tunnel ran until one side closed.
+    Tunnelled,
+    /// The worker refused the upgrade; its answer was relayed to the client.
+    Refused,
+}
+
+/// Timeouts for one tunnel.
+pub struct Limits {
+    /// For the worker to accept the TCP connection.
+    pub connect: Duration,
+    /// For the worker's answer to the upgrade request.
+    pub handshake: Duration,
+}
+
+/// Sends `req` to the worker at `addr` and, on a 101, joins client and worker until either
+/// closes. An error means the worker failed before the client was sent anything: the caller
+/// answers 502. `on_upgrade` runs once the worker has accepted.
+pub async fn run(
+    session: &mut Session,
+    addr: SocketAddr,
+    req: &RequestHeader,
+    limits: &Limits,
+    on_upgrade: impl FnOnce(),
+) -> Result<Outcome> {
+    let mut upstream = timeout(limits.connect, TcpStream::connect(addr))
+        .await
+        .or_err(ErrorType::ConnectTimedout, "connecting to worker")?
+        .or_err(ErrorType::ConnectRefused, "connecting to worker")?;
+    upstream.set_nodelay(true).ok();
+    upstream
+        .write_all(&serialize(req))
+        .await
+        .or_err(ErrorType::WriteError, "sending upgrade request to worker")?;
+
+    let (head, rest) = timeout(limits.handshake, read_head(&mut upstream))
+        .await
+        .or_err(
+            ErrorType::ReadTimedout,
+            "waiting for the worker's upgrade answer",
+        )??;
+
+    if head.status.as_u16() != 101 {
+        // A client that left meanwhile needs no answer.
+        let _ = relay_refusal(session, &mut upstream, head, rest).await;
+        return Ok(Outcome::Refused);
+    }
+
+    on_upgrade();
+    if session
+        .write_response_header(Box::new(head), false)
+        .await
+        .is_err()
+    {
+        return Ok(Outcome::Tunnelled);
+    }
+    if !rest.is_empty()
+        && session
+            .write_response_body(Some(rest), false)
+            .await
+            .is_err()
+    {
+        return Ok(Outcome::Tunnelled);
+    }
+    pump(session, upstream).await;
+    Ok(Outcome::Tunnelled)
+}
+
+/// Copies bytes both ways until either side closes or fails. A WebSocket ends with a close or
+/// a reset from either side as a matter of course, so nothing here is an error.
+async fn pump(session: &mut Session, upstream: TcpStream) {
+    let (mut up_read, mut up_write) = upstream.into_split();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        tokio::select! {
+            from_client = session.downstream_session.read_request_body() => match from_client {
+                Ok(Some(data)) => {
+                    if up_write.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+            from_worker = up_read.read_buf(&mut buf) => match from_worker {
+                Ok(n) if n > 0 => {
+                    let data = buf.split().freeze();
+                    if session.write_response_body(Some(data), false).await.is_err() {
+                        break;
+                    }
+                    if buf.capacity() < 4096 {
+                        buf.reserve(16 * 1024);
+                    }
+                }
+                _ => break,
+            },
+        }
+    }
+    let _ = up_write.shutdown().await;
+}
+
+/// Relays a refused upgrade (e.g. 400 Session ID unknown, 503 while draining) as it came.
+async fn relay_refusal(
+    session: &mut Session,
+    upstream: &mut TcpStream,
+    head: ResponseHeader,
+    mut body: Bytes,
+) -> Result<()> {
+    let length = head
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_REFUSAL_BODY);
+    let mut buf = BytesMut::from(&body[..]);
+    while buf.len() < length {
+        match upstream.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    buf.truncate(length);
+    body = buf.freeze();
+    let mut head = head;
+    head.insert_header("Content-Length", body.len().to_string())?;
+    head.remove_header("Transfer-Encoding");
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(head), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// The request as HTTP/1.1 bytes.
+fn serialize(req: &RequestHeader) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    let target = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers.iter() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads a response head; returns it and any bytes that followed it.
+async fn read_head(upstream: &mut TcpStream) -> Result<(ResponseHeader, Bytes)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let n = upstream
+            .read_buf(&mut buf)
+            .await
+            .or_err(ErrorType::ReadError, "reading the worker's upgrade answer")?;
+        if n == 0 {
+            return Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "worker closed before answering the upgrade",
+            );
+        }
+        if let Some((head, used)) = parse_head(&buf)? {
+            let rest = buf.split_off(used).freeze();
+            return Ok((head, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                "worker's answer head too large",
+            );
+        }
+    }
+}
+
+/// Parses a complete response head, or `None` when more bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let used = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                format!("worker's upgrade answer: {e}"),
+            );
+        }
+    };
+    let code = resp.code.unwrap_or(502);
+    let mut head = ResponseHeader::build(code, Some(resp.headers.len()))?;
+    for h in resp.headers.iter() {
+        head.append_header(h.name.to_owned(), h.value)?;
+    }
+    Ok(Some((head, used)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_switching_protocols_head_and_keeps_what_follows() {
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n\x81\x01x";
+        let (head, used) = parse_head(raw).unwrap().unwrap();
+        assert_eq!(head.status.as_u16(), 101);
+        assert_eq!(head.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(&raw[used..], b"\x81\x01x");
+    }
+
+    #[test]
+    fn a_partial_head_asks_for_more() {
+        assert!(
+            parse_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgr")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn junk_is_an_error_not_a_panic() {
+        assert!(parse_head(b"\x00\x01garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn serializes_the_rewritten_target_and_headers() {
+        let mut req = RequestHeader::build(
+            "GET",
+            b"/socket.io/?EIO=4&transport=websocket&sid=abc",
+            None,
+        )
+        .unwrap();
+        req.insert_header("Upgrade", "websocket").unwrap();
+        let text = String::from_utf8(serialize(&req)).unwrap();
+        assert!(text.starts_with("GET /socket.io/?EIO=4&transport=websocket&sid=abc HTTP/1.1\r\n"));
+        assert!(text.to_ascii_lowercase().contains("upgrade: websocket\r\n"));
+        assert!(text.ends_with("\r\n\r\n"));
+    }
+}
