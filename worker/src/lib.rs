@@ -31,6 +31,7 @@ use shared::shutdown;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Emitter;
 use socketioxide::extract::SocketRef;
+use socketioxide::handler::ConnectHandler;
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 
@@ -93,12 +94,20 @@ pub async fn run(
     let ns_registry = Arc::clone(&registry);
     // Registering the namespace subscribes its channels (or queues them while Redis is down);
     // the link starts after, so "up" always means "every channel subscribed".
-    io.ns("/", async move |socket: SocketRef<FleetAdapter>| {
-        bind_websocket_handshake(&ns_registry, &socket);
-        app.on_connect(socket, &fleet);
-    })
-    .await
-    .map_err(|e| StartError::Namespace(e.to_string()))?;
+    // The app's handlers are registered in a connect middleware, not the connect handler:
+    // socketioxide sends the CONNECT packet before it spawns the (async) connect handler, so
+    // a client that emits at once on connect could otherwise beat the handler's `on(...)`
+    // and lose the event. Middlewares run before the CONNECT packet is sent.
+    let setup =
+        async move |socket: SocketRef<FleetAdapter>| -> Result<(), std::convert::Infallible> {
+            bind_websocket_handshake(&ns_registry, &socket);
+            app.on_connect(socket, &fleet);
+            Ok(())
+        };
+    let connected = async |_: SocketRef<FleetAdapter>| {};
+    io.ns("/", ConnectHandler::with(connected, setup))
+        .await
+        .map_err(|e| StartError::Namespace(e.to_string()))?;
 
     let (trigger, shutdown) = shutdown::channel();
     let readiness = health::Readiness::new(link.state());

@@ -1,0 +1,328 @@
+//! One simulated client: connect, `whoami`, `join` its room, then (if a publisher) publish
+//! while counting every `message` it receives.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::{MissedTickBehavior, interval};
+
+use crate::protocol::{self, Packet, Sio};
+use crate::scenario::{Scenario, Target};
+use crate::stats::{Seen, Stats};
+use crate::transport::{Conn, ConnError};
+
+/// What every client of a process shares.
+pub struct Shared {
+    /// The run.
+    pub scenario: Scenario,
+    /// The server.
+    pub target: Target,
+    /// The counters.
+    pub stats: Stats,
+    /// Local source addresses to use in turn.
+    pub sources: Vec<IpAddr>,
+    /// The run's phase: clients wait for `Publish`, stop publishing at `Settle`, leave at `Stop`.
+    pub phase: watch::Receiver<Phase>,
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Clients connect and join.
+    Connect,
+    /// Publishers publish.
+    Publish,
+    /// Nobody publishes; deliveries still count.
+    Settle,
+    /// Everyone leaves.
+    Stop,
+}
+
+const WHOAMI_ACK: u64 = 1;
+const JOIN_ACK: u64 = 2;
+/// Publishes use ack ids from here on.
+const FIRST_PUBLISH_ACK: u64 = 3;
+
+/// Microseconds since the Unix epoch: comparable across generator processes on one machine.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs client `index` (numbered over all processes) until the run stops.
+pub async fn run(index: usize, shared: Arc<Shared>) {
+    let sc = &shared.scenario;
+    let room_no = index % sc.rooms;
+    let room = sc.room_of(index);
+    let source = (!shared.sources.is_empty()).then(|| shared.sources[index % shared.sources.len()]);
+    let mut phase = shared.phase.clone();
+
+    let mut conn = loop {
+        match connect(&shared, source, &room).await {
+            Ok((conn, worker)) => {
+                if *phase.borrow() == Phase::Connect {
+                    shared.stats.member(room_no, &worker);
+                    shared.stats.ready.fetch_add(1, Relaxed);
+                    break Some(conn);
+                }
+                // Too late to be counted as a member: it would receive unowed deliveries.
+                shared.stats.error("joined_late");
+                conn.close().await;
+                break None;
+            }
+            Err(e) => {
+                shared.stats.error(&e.kind());
+                if !sc.reconnect || *phase.borrow() != Phase::Connect {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let Some(mut c) = conn.take() else {
+        shared.stats.failed.fetch_add(1, Relaxed);
+        return;
+    };
+    shared.stats.connected.fetch_add(1, Relaxed);
+
+    let _ = phase.wait_for(|p| *p >= Phase::Publish).await;
+    let mut member = Member {
+        index,
+        room,
+        room_no,
+        publisher: index < sc.publishers,
+        seq: 0,
+        next_ack: FIRST_PUBLISH_ACK,
+        inflight: 0,
+        seen: Seen::default(),
+        padding: "x".repeat(sc.payload),
+    };
+    loop {
+        match member.session(&shared, &mut c, &mut phase).await {
+            Ok(()) => break,
+            Err(e) => {
+                shared.stats.connected.fetch_sub(1, Relaxed);
+                if *phase.borrow() == Phase::Stop {
+                    return;
+                }
+                shared.stats.error(&format!("dropped_{}", e.kind()));
+                if !sc.reconnect {
+                    return;
+                }
+                match member.reconnect(&shared, source, &mut phase).await {
+                    Some(fresh) => {
+                        c = fresh;
+                        shared.stats.connected.fetch_add(1, Relaxed);
+                    }
+                    None => return,
+                }
+            }
+        }
+    }
+    shared.stats.connected.fetch_sub(1, Relaxed);
+    c.close().await;
+}
+
+/// Connects, asks whoami and joins `room`; returns the connection and the worker's id.
+async fn connect(
+    shared: &Shared,
+    source: Option<IpAddr>,
+    room: &str,
+) -> Result<(Conn, String), ConnError> {
+    let started = Instant::now();
+    let (mut conn, _open) = Conn::open(&shared.target, shared.scenario.transport, source).await?;
+    conn.send(&[protocol::connect()]).await?;
+    let mut worker = None;
+    let mut joined = false;
+    let mut connected = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while worker.is_none() || !joined {
+        let packets = tokio::time::timeout_at(deadline, conn.recv())
+            .await
+            .map_err(|_| ConnError::Timeout)??;
+        for p in packets {
+            match p {
+                Packet::Ping(x) => conn.send(&[format!("3{x}")]).await?,
+                Packet::Message(Sio::Connect) if !connected => {
+                    connected = true;
+                    shared
+                        .stats
+                        .connect_latency(started.elapsed().as_micros() as u64);
+                    conn.send(&[
+                        protocol::bare_event(Some(WHOAMI_ACK), "whoami"),
+                        protocol::event(Some(JOIN_ACK), "join", &json!(room)),
+                    ])
+                    .await?;
+                }
+                Packet::Message(Sio::Ack {
+                    id: WHOAMI_ACK,
+                    args,
+                }) => {
+                    worker = Some(
+                        args.first()
+                            .and_then(|a| a["worker"].as_str())
+                            .unwrap_or("?")
+                            .to_owned(),
+                    );
+                }
+                Packet::Message(Sio::Ack { id: JOIN_ACK, args }) => {
+                    if args.first().and_then(|a| a["ok"].as_bool()) != Some(true) {
+                        return Err(ConnError::Protocol(format!("join refused: {args:?}")));
+                    }
+                    joined = true;
+                }
+                Packet::Message(Sio::ConnectError(e)) => return Err(ConnError::Protocol(e)),
+                Packet::Close | Packet::Message(Sio::Disconnect) => {
+                    return Err(ConnError::Closed("closed while connecting".into()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((conn, worker.unwrap_or_default()))
+}
+
+/// A connected member's running state.
+struct Member {
+    index: usize,
+    room: String,
+    room_no: usize,
+    publisher: bool,
+    seq: u64,
+    next_ack: u64,
+    inflight: usize,
+    seen: Seen,
+    padding: String,
+}
+
+impl Member {
+    /// Runs until the run stops (`Ok`) or the connection fails.
+    async fn session(
+        &mut self,
+        shared: &Shared,
+        conn: &mut Conn,
+        phase: &mut watch::Receiver<Phase>,
+    ) -> Result<(), ConnError> {
+        let sc = &shared.scenario;
+        let mut tick = interval(Duration::from_secs_f64(1.0 / sc.rate.max(0.001)));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let now = *phase.borrow();
+            if now == Phase::Stop {
+                return Ok(());
+            }
+            let publishing = self.publisher && now == Phase::Publish;
+            let flood_room = sc.window.is_some_and(|w| self.inflight < w);
+            tokio::select! {
+                packets = conn.recv() => {
+                    for p in packets? {
+                        self.handle(shared, conn, p).await?;
+                    }
+                }
+                _ = tick.tick(), if publishing && sc.window.is_none() => {
+                    self.publish(shared, conn).await?;
+                }
+                _ = std::future::ready(()), if publishing && flood_room => {
+                    self.publish(shared, conn).await?;
+                }
+                _ = phase.changed() => {}
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        shared: &Shared,
+        conn: &mut Conn,
+        p: Packet,
+    ) -> Result<(), ConnError> {
+        match p {
+            Packet::Ping(x) => conn.send(&[format!("3{x}")]).await?,
+            Packet::Message(Sio::Event { name, args, .. }) if name == "message" => {
+                self.delivered(shared, args.first());
+            }
+            Packet::Message(Sio::Ack { id, args }) if id >= FIRST_PUBLISH_ACK => {
+                self.inflight = self.inflight.saturating_sub(1);
+                if args.first().and_then(|a| a["ok"].as_bool()) == Some(true) {
+                    shared.stats.acked.fetch_add(1, Relaxed);
+                } else {
+                    shared.stats.error("publish_refused");
+                }
+            }
+            Packet::Close | Packet::Message(Sio::Disconnect) => {
+                return Err(ConnError::Closed("server closed the session".into()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn delivered(&mut self, shared: &Shared, msg: Option<&Value>) {
+        let Some(data) = msg.map(|m| &m["data"]) else {
+            shared.stats.error("bad_message");
+            return;
+        };
+        let (Some(p), Some(s), Some(t)) =
+            (data["p"].as_u64(), data["s"].as_u64(), data["t"].as_u64())
+        else {
+            shared.stats.error("bad_message");
+            return;
+        };
+        shared.stats.delivered.fetch_add(1, Relaxed);
+        if !self.seen.first_time(p, s) {
+            shared.stats.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
+        shared
+            .stats
+            .delivery_latency(self.index, now_micros().saturating_sub(t));
+    }
+
+    async fn publish(&mut self, shared: &Shared, conn: &mut Conn) -> Result<(), ConnError> {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let arg = json!({
+            "room": self.room,
+            "data": {"p": self.index, "s": self.seq, "t": now_micros(), "x": self.padding},
+        });
+        self.seq += 1;
+        self.inflight += 1;
+        shared.stats.published(self.room_no);
+        conn.send(&[protocol::event(Some(id), "publish", &arg)])
+            .await
+    }
+
+    /// Connects again with backoff and rejoins the room, unless the run stops first.
+    async fn reconnect(
+        &mut self,
+        shared: &Shared,
+        source: Option<IpAddr>,
+        phase: &mut watch::Receiver<Phase>,
+    ) -> Option<Conn> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if *phase.borrow() == Phase::Stop {
+                return None;
+            }
+            match connect(shared, source, &self.room).await {
+                Ok((conn, _)) => {
+                    shared.stats.reconnects.fetch_add(1, Relaxed);
+                    self.inflight = 0;
+                    return Some(conn);
+                }
+                Err(e) => shared.stats.error(&format!("reconnect_{}", e.kind())),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = phase.changed() => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}

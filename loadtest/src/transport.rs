@@ -1,0 +1,347 @@
+//! One client's Engine.IO connection: WebSocket, long-polling, or polling upgraded to
+//! WebSocket. `recv` is cancel-safe, so a client can `select!` on it.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::protocol::{self, Open, Packet};
+use crate::scenario::{Target, Transport};
+
+/// Why a connection failed; the kind is what the report counts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// An answer took too long.
+    #[error("timeout")]
+    Timeout,
+    /// The server answered 400 "Session ID unknown".
+    #[error("session id unknown")]
+    SessionUnknown,
+    /// The server answered another HTTP error.
+    #[error("http status {0}")]
+    Status(u16),
+    /// The connection broke.
+    #[error("closed: {0}")]
+    Closed(String),
+    /// The server sent something we cannot read.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ConnError {
+    /// A short stable name for the report.
+    pub fn kind(&self) -> String {
+        match self {
+            ConnError::Connect(e) => format!("connect_{:?}", e.kind()).to_lowercase(),
+            ConnError::Timeout => "timeout".into(),
+            ConnError::SessionUnknown => "session_unknown".into(),
+            ConnError::Status(s) => format!("http_{s}"),
+            ConnError::Closed(_) => "closed".into(),
+            ConnError::Protocol(_) => "protocol".into(),
+        }
+    }
+}
+
+/// How long any single handshake step may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+type Ws = WebSocketStream<TcpStream>;
+type PendingGet = Pin<Box<dyn Future<Output = Result<String, ConnError>> + Send>>;
+
+/// An open Engine.IO connection.
+pub enum Conn {
+    /// Over a WebSocket.
+    Ws(Box<Ws>),
+    /// Over long-polling: one connection for GETs, one for POSTs.
+    Polling(Box<Polling>),
+}
+
+/// The long-polling state.
+pub struct Polling {
+    target: Target,
+    sid: String,
+    get: SendRequest<Full<Bytes>>,
+    post: SendRequest<Full<Bytes>>,
+    pending: Option<PendingGet>,
+}
+
+impl Conn {
+    /// Opens a connection and completes the Engine.IO handshake.
+    pub async fn open(
+        target: &Target,
+        transport: Transport,
+        source: Option<IpAddr>,
+    ) -> Result<(Conn, Open), ConnError> {
+        match transport {
+            Transport::Websocket => {
+                let mut ws = ws_connect(target, source, None).await?;
+                let first = timed(ws_recv(&mut ws)).await??;
+                match first.into_iter().next() {
+                    Some(Packet::Open(open)) => Ok((Conn::Ws(Box::new(ws)), open)),
+                    other => Err(ConnError::Protocol(format!("expected open, got {other:?}"))),
+                }
+            }
+            Transport::Polling => {
+                let (polling, open) = Polling::open(target, source).await?;
+                Ok((Conn::Polling(Box::new(polling)), open))
+            }
+            Transport::Upgrade => {
+                let (polling, open) = Polling::open(target, source).await?;
+                let mut ws = ws_connect(target, source, Some(&open.sid)).await?;
+                ws_send(&mut ws, &["2probe".to_owned()]).await?;
+                match timed(ws_recv(&mut ws)).await??.first() {
+                    Some(Packet::Pong(p)) if p == "probe" => {}
+                    other => {
+                        return Err(ConnError::Protocol(format!(
+                            "expected 3probe, got {other:?}"
+                        )));
+                    }
+                }
+                ws_send(&mut ws, &["5".to_owned()]).await?;
+                drop(polling);
+                Ok((Conn::Ws(Box::new(ws)), open))
+            }
+        }
+    }
+
+    /// The next packets from the server. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Vec<Packet>, ConnError> {
+        match self {
+            Conn::Ws(ws) => ws_recv(ws).await,
+            Conn::Polling(p) => p.recv().await,
+        }
+    }
+
+    /// Sends packets (one WebSocket frame each, or one POST).
+    pub async fn send(&mut self, packets: &[String]) -> Result<(), ConnError> {
+        match self {
+            Conn::Ws(ws) => ws_send(ws, packets).await,
+            Conn::Polling(p) => p.send(packets).await,
+        }
+    }
+
+    /// Closes politely where the transport allows.
+    pub async fn close(self) {
+        if let Conn::Ws(mut ws) = self {
+            let _ = SinkExt::close(&mut ws).await;
+        }
+    }
+}
+
+async fn timed<T>(f: impl Future<Output = T>) -> Result<T, ConnError> {
+    tokio::time::timeout(STEP_TIMEOUT, f)
+        .await
+        .map_err(|_| ConnError::Timeout)
+}
+
+/// A TCP connection from `source` (any port) when given.
+async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ConnError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(ConnError::Connect)?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(ConnError::Connect)?;
+    }
+    let stream = timed(socket.connect(addr))
+        .await?
+        .map_err(ConnError::Connect)?;
+    stream.set_nodelay(true).ok();
+    Ok(stream)
+}
+
+async fn ws_connect(
+    target: &Target,
+    source: Option<IpAddr>,
+    sid: Option<&str>,
+) -> Result<Ws, ConnError> {
+    let stream = tcp(target.addr, source).await?;
+    let mut url = format!(
+        "ws://{}{}?EIO=4&transport=websocket",
+        target.host, target.path
+    );
+    if let Some(sid) = sid {
+        url.push_str("&sid=");
+        url.push_str(sid);
+    }
+    // Small buffers: one process holds tens of thousands of these.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, _) = timed(tokio_tungstenite::client_async_with_config(
+        url,
+        stream,
+        Some(config),
+    ))
+    .await?
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => status_error(
+            resp.status().as_u16(),
+            resp.body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .as_ref(),
+        ),
+        other => ConnError::Closed(other.to_string()),
+    })?;
+    Ok(ws)
+}
+
+async fn ws_recv(ws: &mut Ws) -> Result<Vec<Packet>, ConnError> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                return Packet::parse(text.as_str())
+                    .map(|p| vec![p])
+                    .map_err(|e| ConnError::Protocol(e.to_string()));
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(ConnError::Closed("websocket closed".into()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(ConnError::Closed(e.to_string())),
+        }
+    }
+}
+
+async fn ws_send(ws: &mut Ws, packets: &[String]) -> Result<(), ConnError> {
+    for p in packets {
+        ws.feed(Message::text(p.as_str()))
+            .await
+            .map_err(|e| ConnError::Closed(e.to_string()))?;
+    }
+    ws.flush()
+        .await
+        .map_err(|e| ConnError::Closed(e.to_string()))
+}
+
+fn status_error(status: u16, body: &str) -> ConnError {
+    if status == 400 && body.contains("Session ID unknown") {
+        ConnError::SessionUnknown
+    } else {
+        ConnError::Status(status)
+    }
+}
+
+impl Polling {
+    async fn open(target: &Target, source: Option<IpAddr>) -> Result<(Polling, Open), ConnError> {
+        let mut get = http_conn(target, source).await?;
+        let query = "EIO=4&transport=polling";
+        let body = timed(request(&mut get, target, query, None)).await??;
+        let open = match Packet::parse_payload(&body)
+            .map_err(|e| ConnError::Protocol(e.to_string()))?
+            .into_iter()
+            .next()
+        {
+            Some(Packet::Open(open)) => open,
+            other => return Err(ConnError::Protocol(format!("expected open, got {other:?}"))),
+        };
+        let post = http_conn(target, source).await?;
+        Ok((
+            Polling {
+                target: target.clone(),
+                sid: open.sid.clone(),
+                get,
+                post,
+                pending: None,
+            },
+            open,
+        ))
+    }
+
+    fn query(&self) -> String {
+        format!("EIO=4&transport=polling&sid={}", self.sid)
+    }
+
+    async fn recv(&mut self) -> Result<Vec<Packet>, ConnError> {
+        if self.pending.is_none() {
+            let req = build(&self.target, &self.query(), None);
+            let fut = self.get.send_request(req);
+            self.pending = Some(Box::pin(async move { read_response(fut.await).await }));
+        }
+        let body = self.pending.as_mut().expect("set above").as_mut().await;
+        self.pending = None;
+        Packet::parse_payload(&body?).map_err(|e| ConnError::Protocol(e.to_string()))
+    }
+
+    async fn send(&mut self, packets: &[String]) -> Result<(), ConnError> {
+        let body = protocol::payload(packets);
+        let query = self.query();
+        let answer = timed(request(&mut self.post, &self.target, &query, Some(body))).await??;
+        if answer != "ok" {
+            return Err(ConnError::Protocol(format!("POST answered {answer:?}")));
+        }
+        Ok(())
+    }
+}
+
+async fn http_conn(
+    target: &Target,
+    source: Option<IpAddr>,
+) -> Result<SendRequest<Full<Bytes>>, ConnError> {
+    let stream = tcp(target.addr, source).await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnError::Closed(e.to_string()))?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+fn build(target: &Target, query: &str, body: Option<String>) -> http::Request<Full<Bytes>> {
+    let method = if body.is_some() { "POST" } else { "GET" };
+    http::Request::builder()
+        .method(method)
+        .uri(format!("{}?{query}", target.path))
+        .header("host", target.host.as_str())
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("a valid request")
+}
+
+async fn request(
+    conn: &mut SendRequest<Full<Bytes>>,
+    target: &Target,
+    query: &str,
+    body: Option<String>,
+) -> Result<String, ConnError> {
+    conn.ready()
+        .await
+        .map_err(|e| ConnError::Closed(e.to_string()))?;
+    read_response(conn.send_request(build(target, query, body)).await).await
+}
+
+async fn read_response(
+    resp: hyper::Result<http::Response<hyper::body::Incoming>>,
+) -> Result<String, ConnError> {
+    let resp = resp.map_err(|e| ConnError::Closed(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ConnError::Closed(e.to_string()))?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if status != 200 {
+        return Err(status_error(status, &text));
+    }
+    Ok(text)
+}
