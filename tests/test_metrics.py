@@ -7,6 +7,7 @@ NAMES = [
     "fleet_worker_events_total",
     "fleet_worker_broadcasts_total",
     "fleet_worker_broadcast_duration_seconds_count",
+    "fleet_worker_deliveries_dropped_total",
     "fleet_worker_pubsub_lag_seconds_count",
     "fleet_worker_event_loop_lag_seconds_count",
     "fleet_worker_redis_up",

@@ -217,7 +217,8 @@ impl Member {
             if now == Phase::Stop {
                 return Ok(());
             }
-            let publishing = self.publisher && now == Phase::Publish;
+            let publishing =
+                self.publisher && now == Phase::Publish && sc.messages.is_none_or(|n| self.seq < n);
             let flood_room = sc.window.is_some_and(|w| self.inflight < w);
             tokio::select! {
                 packets = conn.recv() => {

@@ -43,6 +43,9 @@ struct Args {
     /// Flood: unacknowledged publishes in flight per publisher.
     #[arg(long)]
     window: Option<usize>,
+    /// Publishes per publisher, then stop (default: publish for the whole duration).
+    #[arg(long)]
+    messages: Option<u64>,
     /// Bytes of padding per publish.
     #[arg(long)]
     payload: Option<usize>,
@@ -93,6 +96,9 @@ impl Args {
               max_loss => max_loss);
         if self.window.is_some() {
             s.window = self.window;
+        }
+        if self.messages.is_some() {
+            s.messages = self.messages;
         }
         if !self.sources.is_empty() {
             s.sources = self.sources.clone();

@@ -39,6 +39,8 @@ pub struct Scenario {
     pub rate: f64,
     /// Flood instead: each publisher keeps this many unacknowledged publishes in flight.
     pub window: Option<usize>,
+    /// Stop each publisher after this many publishes (default: publish for the whole duration).
+    pub messages: Option<u64>,
     /// Bytes of padding in each publish.
     pub payload: usize,
     /// How long publishers publish, in seconds.
@@ -70,6 +72,7 @@ impl Default for Scenario {
             publishers: 10,
             rate: 10.0,
             window: None,
+            messages: None,
             payload: 32,
             duration_secs: 10.0,
             settle_secs: 2.0,

@@ -133,10 +133,16 @@ impl Conn {
         }
     }
 
-    /// Closes politely where the transport allows.
+    /// Closes the session politely, so the server forgets it at once.
     pub async fn close(self) {
-        if let Conn::Ws(mut ws) = self {
-            let _ = SinkExt::close(&mut ws).await;
+        match self {
+            Conn::Ws(mut ws) => {
+                let _ = ws_send(&mut ws, &["1".to_owned()]).await;
+                let _ = SinkExt::close(&mut ws).await;
+            }
+            Conn::Polling(mut p) => {
+                let _ = p.send(&["1".to_owned()]).await;
+            }
         }
     }
 }

@@ -167,6 +167,10 @@ pub struct SocketIoConfig {
     /// Largest polling request body accepted, in bytes. Default 100000.
     #[serde(default = "defaults::max_payload_bytes")]
     pub max_payload_bytes: u64,
+    /// Packets queued per client before further messages to it are dropped (a slow reader,
+    /// or a polling client that has gone away). Default 1024.
+    #[serde(default = "defaults::max_buffer_packets")]
+    pub max_buffer_packets: usize,
 }
 
 mod defaults {
@@ -216,6 +220,9 @@ mod defaults {
     }
     pub fn ping_timeout_ms() -> u64 {
         20_000
+    }
+    pub fn max_buffer_packets() -> usize {
+        1024
     }
     pub fn max_payload_bytes() -> u64 {
         100_000
@@ -453,6 +460,12 @@ impl FleetConfig {
         }
         if s.max_payload_bytes < 1024 {
             return Err(("socketio.max_payload_bytes", "must be at least 1024".into()));
+        }
+        if !(16..=1_000_000).contains(&s.max_buffer_packets) {
+            return Err((
+                "socketio.max_buffer_packets",
+                "must be 16 to 1000000".into(),
+            ));
         }
         Ok(())
     }

@@ -13,6 +13,9 @@ pub const WORKER_EVENTS_TOTAL: &str = "fleet_worker_events_total";
 pub const WORKER_BROADCASTS_TOTAL: &str = "fleet_worker_broadcasts_total";
 /// Histogram: time to hand a broadcast to Redis and the local members.
 pub const WORKER_BROADCAST_DURATION: &str = "fleet_worker_broadcast_duration_seconds";
+/// Counter: room messages not queued to a member of this worker because its buffer was full
+/// or it had closed (seen when this worker publishes).
+pub const WORKER_DELIVERIES_DROPPED_TOTAL: &str = "fleet_worker_deliveries_dropped_total";
 /// Histogram: how late a peer's pub/sub probe arrives here.
 pub const WORKER_PUBSUB_LAG: &str = "fleet_worker_pubsub_lag_seconds";
 /// Histogram: how late a periodic timer wakes (event-loop lag).

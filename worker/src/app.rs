@@ -46,7 +46,8 @@ impl App for RoomsApp {
             reply(
                 ack,
                 match f.publish(room, EV_MESSAGE, &message).await {
-                    Ok(()) => json!({ "ok": true }),
+                    Ok(0) => json!({ "ok": true }),
+                    Ok(dropped) => json!({ "ok": true, "dropped": dropped }),
                     Err(e) => refusal(format!("broadcast failed: {e}")),
                 },
             );

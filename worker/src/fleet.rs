@@ -45,7 +45,8 @@ impl Fleet {
 
     /// Emit `event` to every member of `room` on every worker, the sender included if it is a
     /// member, counted and timed in the broadcast metrics. While Redis is away, members on this
-    /// worker still receive it.
+    /// worker still receive it. Returns how many local members could not take the message
+    /// (full buffer or closed; also counted in `fleet_worker_deliveries_dropped_total`).
     ///
     /// # Errors
     /// The local emit failed (the payload could not be serialised).
@@ -54,14 +55,23 @@ impl Fleet {
         room: String,
         event: &'static str,
         data: &T,
-    ) -> Result<(), BroadcastError> {
+    ) -> Result<usize, BroadcastError> {
         let started = Instant::now();
         self.metrics.broadcasts.inc();
         let res = self.io.to(room).emit(event, data).await;
         self.metrics
             .broadcast_duration
             .observe(started.elapsed().as_secs_f64());
-        res
+        match res {
+            Ok(()) => Ok(0),
+            // Members that could not take the message (a full buffer: a slow or vanished
+            // client) do not make the publish fail for everyone else.
+            Err(BroadcastError::Socket(errors)) => {
+                self.metrics.deliveries_dropped.inc_by(errors.len() as u64);
+                Ok(errors.len())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -85,6 +85,7 @@ pub async fn run(
         .ping_interval(Duration::from_millis(sio.ping_interval_ms))
         .ping_timeout(Duration::from_millis(sio.ping_timeout_ms))
         .max_payload(sio.max_payload_bytes)
+        .max_buffer_size(sio.max_buffer_packets)
         .with_adapter::<FleetAdapter>(ctr)
         .build_svc();
 

@@ -25,6 +25,8 @@ pub struct WorkerMetrics {
     pub broadcasts: IntCounter,
     /// Time to hand one broadcast to Redis and the local members.
     pub broadcast_duration: Histogram,
+    /// Messages a local member could not take (full buffer, closed).
+    pub deliveries_dropped: IntCounter,
     /// How late peers' probes arrive.
     pub pubsub_lag: Histogram,
     /// How late a periodic timer wakes.
@@ -62,6 +64,11 @@ impl WorkerMetrics {
                 names::WORKER_BROADCAST_DURATION,
                 "Time to hand a broadcast to Redis and local members",
             ),
+            deliveries_dropped: IntCounter::new(
+                names::WORKER_DELIVERIES_DROPPED_TOTAL,
+                "Room messages not queued to a local member: buffer full or closed",
+            )
+            .unwrap(),
             pubsub_lag: latency(names::WORKER_PUBSUB_LAG, "Cross-worker pub/sub probe lag"),
             event_loop_lag: latency(
                 names::WORKER_EVENT_LOOP_LAG,
@@ -93,6 +100,7 @@ impl WorkerMetrics {
             Box::new(self.events.clone()),
             Box::new(self.broadcasts.clone()),
             Box::new(self.broadcast_duration.clone()),
+            Box::new(self.deliveries_dropped.clone()),
             Box::new(self.pubsub_lag.clone()),
             Box::new(self.event_loop_lag.clone()),
             Box::new(self.redis_up.clone()),

@@ -1,0 +1,107 @@
+"""The bundled load generator against a real fleet: its exactly-once accounting, per transport,
+over several processes, against the official npm client, and when deliveries are really lost."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet_harness import BIN_DIR, LOG_DIR, Balancer, wait_until
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def start(closer, tmp_path, redis, **kw):
+    b = closer.add(Balancer(tmp_path, redis.url, **kw))
+    b.wait_ready()
+    return b
+
+
+def loadtest_cmd(url, tmp_path, *args):
+    out = tmp_path / f"report-{time.monotonic_ns()}.json"
+    return [str(BIN_DIR / "loadtest"), "--url", url, "--json", str(out), *map(str, args)], out
+
+
+def run_loadtest(url, tmp_path, *args, timeout=120):
+    cmd, out = loadtest_cmd(url, tmp_path, *args)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (LOG_DIR / f"loadtest-{out.stem}.log").write_text(p.stdout + p.stderr)
+    assert out.exists(), p.stdout + p.stderr
+    return p.returncode, json.loads(out.read_text()), p.stdout + p.stderr
+
+
+SMALL = ["-c", 60, "--rooms", 6, "--publishers", 6, "--rate", 20, "--messages", 20, "-d", 3, "--settle", 1]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling", "upgrade"])
+def test_exactly_once_through_the_balancer(closer, tmp_path, redis, transport):
+    b = start(closer, tmp_path, redis)
+    code, r, out = run_loadtest(b.url, tmp_path, *SMALL, "--transport", transport)
+    assert code == 0, out
+    assert r["connected"] == 60 and r["failed"] == 0, out
+    d = r["deliveries"]
+    # 6 publishers, each in its own room of 10 members, 20 publishes each.
+    assert d == {"expected": 1200, "delivered": 1200, "duplicate": 0, "missing": 0}, out
+    assert r["published"] == r["acked"] == 120
+    assert set(r["clients_per_worker"]) == {"w0", "w1", "w2"}
+    assert sum(r["clients_per_worker"].values()) == 60
+    assert r["errors"] == {}
+    assert 0 < r["delivery_ms"]["p50"] <= r["delivery_ms"]["p99"] <= r["delivery_ms"]["max"]
+    assert r["connect_ms"]["count"] == 60
+    assert "PASS" in out and "deliveries: expected 1200" in out  # the human table
+
+
+def test_several_processes_merge_into_one_report(closer, tmp_path, redis):
+    b = start(closer, tmp_path, redis)
+    code, r, out = run_loadtest(b.url, tmp_path, *SMALL, "--procs", 3)
+    assert code == 0, out
+    assert r["connected"] == 60
+    assert r["deliveries"] == {"expected": 1200, "delivered": 1200, "duplicate": 0, "missing": 0}, out
+    assert r["delivery_ms"]["count"] == 1200
+    assert sum(r["clients_per_worker"].values()) == 60
+    assert out.count("ready:") == 1  # one run, one report, even over 3 processes
+
+
+def test_agrees_with_the_official_client(closer, tmp_path, redis):
+    """The same scenario run by npm's socket.io-client and by loadtest: same accounting."""
+    b = start(closer, tmp_path, redis)
+    node = subprocess.run(["node", str(NODE_DIR / "sio_load.js"), b.url, "60", "6", "6", "20", "20", "upgrade"],
+                          capture_output=True, text=True, timeout=120, cwd=NODE_DIR)
+    assert node.returncode == 0, node.stderr
+    official = json.loads(node.stdout.strip().splitlines()[-1])
+    code, ours, out = run_loadtest(b.url, tmp_path, *SMALL, "--transport", "upgrade")
+    assert code == 0, out
+    assert official["connected"] == ours["connected"] == 60
+    assert official["published"] == ours["published"] == 120
+    for k in ("expected", "delivered", "duplicate", "missing"):
+        assert official[k] == ours["deliveries"][k], (k, official, ours["deliveries"])
+    assert sorted(official["workers"]) == sorted(ours["clients_per_worker"])
+
+
+def test_a_killed_worker_shows_as_missing_and_fails_the_run(closer, tmp_path, redis):
+    b = start(closer, tmp_path, redis)
+    cmd, out = loadtest_cmd(b.url, tmp_path, "-c", 60, "--rooms", 3, "--publishers", 3, "--rate", 50, "-d", 4,
+                            "--settle", 1, "--reconnect", "false")
+    log = open(LOG_DIR / f"loadtest-kill-{out.stem}.log", "w+")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "ready:" in open(log.name).read(), 30, what="publishing started")
+        time.sleep(0.5)
+        pid = int(re.findall(r"worker started worker=w2 pid=(\d+)", b.output())[-1])
+        os.kill(pid, signal.SIGKILL)
+        code = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    r = json.loads(out.read_text())
+    d = r["deliveries"]
+    assert code == 1, open(log.name).read()
+    assert d["missing"] > 0 and d["duplicate"] == 0
+    assert d["delivered"] - d["duplicate"] + d["missing"] == d["expected"]
+    assert any(k.startswith("dropped_") for k in r["errors"]), r["errors"]
+    assert r["pass"] is False
