@@ -167,8 +167,8 @@ class Worker(Proc):
 class Balancer(Proc):
     """`balancer --config FILE` with a fleet file written for this test."""
 
-    def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal"):
-        self.port = free_port()
+    def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal", port=None):
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.base_port = base_port or free_port_range(count)
         self.count = count

@@ -249,3 +249,19 @@ def test_workers_found_by_dns_name(closer, tmp_path, redis):
     assert c.call("whoami")["worker"] == "solo"
     sd = requests.get(b.admin + "/sd", timeout=2).json()
     assert any(f"127.0.0.1:{w.port}" in t for g in sd for t in g["targets"]), sd
+
+
+def test_balancers_share_one_port_with_reuse_port(closer, tmp_path, redis):
+    """Several balancer processes on one public port (SO_REUSEPORT): the kernel spreads
+    connections over them and every session works, whichever process each request meets."""
+    extra = "balancer:\n  reuse_port: true\n"
+    b1 = start(closer, tmp_path, redis, extra=extra)
+    b2 = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=b1.base_port, extra=extra,
+                             name="bal2", port=b1.port))
+    b2.wait_ready()
+    clients = [closer.add(Client(b1.url, ["polling"] if i % 2 else ["polling", "websocket"])).connect()
+               for i in range(60)]
+    for c in clients:
+        assert c.call("echo", 7) == 7
+    served = [metric(b.metrics(), "fleet_balancer_requests_total") for b in (b1, b2)]
+    assert all(n > 0 for n in served), served

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::TcpSocketOptions;
 use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::background::background_service;
@@ -74,7 +75,9 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
             cfg.balancer.header_timeout_secs,
         ),
     );
-    proxy.add_tcp(&cfg.listen.to_string());
+    let mut socket = TcpSocketOptions::default();
+    socket.so_reuseport = Some(cfg.balancer.reuse_port);
+    proxy.add_tcp_with_settings(&cfg.listen.to_string(), socket);
     let mut admin = Service::new(
         "admin".to_owned(),
         HttpServer::new_app(admin::Admin {

@@ -19,8 +19,8 @@ use crate::transport::{Conn, ConnError};
 pub struct Shared {
     /// The run.
     pub scenario: Scenario,
-    /// The server.
-    pub target: Target,
+    /// The servers, used in turn.
+    pub targets: Vec<Target>,
     /// The counters.
     pub stats: Stats,
     /// Local source addresses to use in turn.
@@ -61,10 +61,11 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
     let room_no = index % sc.rooms;
     let room = sc.room_of(index);
     let source = (!shared.sources.is_empty()).then(|| shared.sources[index % shared.sources.len()]);
+    let target = &shared.targets[index % shared.targets.len()];
     let mut phase = shared.phase.clone();
 
     let mut conn = loop {
-        match connect(&shared, source, &room).await {
+        match connect(&shared, target, source, &room).await {
             Ok((conn, worker)) => {
                 if *phase.borrow() == Phase::Connect {
                     shared.stats.member(room_no, &worker);
@@ -115,7 +116,7 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
                 if !sc.reconnect {
                     return;
                 }
-                match member.reconnect(&shared, source, &mut phase).await {
+                match member.reconnect(&shared, target, source, &mut phase).await {
                     Some(fresh) => {
                         c = fresh;
                         shared.stats.connected.fetch_add(1, Relaxed);
@@ -132,11 +133,12 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
 /// Connects, asks whoami and joins `room`; returns the connection and the worker's id.
 async fn connect(
     shared: &Shared,
+    target: &Target,
     source: Option<IpAddr>,
     room: &str,
 ) -> Result<(Conn, String), ConnError> {
     let started = Instant::now();
-    let (mut conn, _open) = Conn::open(&shared.target, shared.scenario.transport, source).await?;
+    let (mut conn, _open) = Conn::open(target, shared.scenario.transport, source).await?;
     conn.send(&[protocol::connect()]).await?;
     let mut worker = None;
     let mut joined = false;
@@ -303,6 +305,7 @@ impl Member {
     async fn reconnect(
         &mut self,
         shared: &Shared,
+        target: &Target,
         source: Option<IpAddr>,
         phase: &mut watch::Receiver<Phase>,
     ) -> Option<Conn> {
@@ -311,7 +314,7 @@ impl Member {
             if *phase.borrow() == Phase::Stop {
                 return None;
             }
-            match connect(shared, source, &self.room).await {
+            match connect(shared, target, source, &self.room).await {
                 Ok((conn, _)) => {
                     shared.stats.reconnects.fetch_add(1, Relaxed);
                     self.inflight = 0;

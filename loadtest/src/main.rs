@@ -16,7 +16,7 @@ struct Args {
     /// A scenario YAML file (every key optional).
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Server URL, e.g. http://127.0.0.1:8000.
+    /// Server URL, e.g. http://127.0.0.1:8000; several comma-separated are used in turn.
     #[arg(long)]
     url: Option<String>,
     /// Engine.IO path.

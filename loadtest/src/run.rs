@@ -58,12 +58,12 @@ pub async fn run_share(
     connect_rate: f64,
     control: &mut impl Control,
 ) -> Snapshot {
-    let target = scenario.check().expect("scenario checked before the run");
+    let targets = scenario.check().expect("scenario checked before the run");
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
     let shared = Arc::new(Shared {
         sources: scenario.source_addrs().expect("checked"),
         scenario: scenario.clone(),
-        target,
+        targets,
         stats: Stats::new(scenario.rooms),
         phase: phase_rx,
     });

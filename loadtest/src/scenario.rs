@@ -21,7 +21,8 @@ pub enum Transport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scenario {
-    /// The server, e.g. `http://127.0.0.1:8000`.
+    /// The server, e.g. `http://127.0.0.1:8000`; several, comma-separated, are used in turn
+    /// (client i connects to the (i mod n)th), e.g. to load workers directly.
     pub url: String,
     /// The Engine.IO path.
     pub path: String,
@@ -120,8 +121,8 @@ impl Scenario {
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Checks the scenario and resolves the target.
-    pub fn check(&self) -> Result<Target, ScenarioError> {
+    /// Checks the scenario and resolves the targets.
+    pub fn check(&self) -> Result<Vec<Target>, ScenarioError> {
         if self.clients == 0 {
             return err("clients", "must be at least 1");
         }
@@ -150,11 +151,11 @@ impl Scenario {
             return err("duration_secs", "times must not be negative");
         }
         self.source_addrs()?;
-        self.target()
+        self.url.split(',').map(|u| self.target(u.trim())).collect()
     }
 
-    fn target(&self) -> Result<Target, ScenarioError> {
-        let Some(rest) = self.url.strip_prefix("http://") else {
+    fn target(&self, url: &str) -> Result<Target, ScenarioError> {
+        let Some(rest) = url.strip_prefix("http://") else {
             return err("url", "must start with http:// (TLS is not supported)");
         };
         let host = rest.trim_end_matches('/');
@@ -206,8 +207,13 @@ mod tests {
     #[test]
     fn defaults_check() {
         let t = Scenario::default().check().unwrap();
-        assert_eq!(t.host, "127.0.0.1:8000");
-        assert_eq!(t.path, "/socket.io/");
+        assert_eq!(t[0].host, "127.0.0.1:8000");
+        assert_eq!(t[0].path, "/socket.io/");
+        let two = Scenario {
+            url: "http://127.0.0.1:1,http://127.0.0.1:2/".into(),
+            ..Scenario::default()
+        };
+        assert_eq!(two.check().unwrap().len(), 2);
     }
 
     #[test]

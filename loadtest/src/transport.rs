@@ -59,7 +59,7 @@ impl ConnError {
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Ws = WebSocketStream<TcpStream>;
-type PendingGet = Pin<Box<dyn Future<Output = Result<String, ConnError>> + Send>>;
+type PendingGet = Pin<Box<dyn Future<Output = (Result<String, ConnError>, Option<Http>)> + Send>>;
 
 /// An open Engine.IO connection.
 pub enum Conn {
@@ -69,14 +69,18 @@ pub enum Conn {
     Polling(Box<Polling>),
 }
 
-/// The long-polling state.
+/// The long-polling state: a connection for GETs and one for POSTs, each reopened when the
+/// server closes it (Node's @socket.io/sticky answers every polling request `Connection: close`).
 pub struct Polling {
     target: Target,
+    source: Option<IpAddr>,
     sid: String,
-    get: SendRequest<Full<Bytes>>,
-    post: SendRequest<Full<Bytes>>,
+    get: Option<Http>,
+    post: Option<Http>,
     pending: Option<PendingGet>,
 }
+
+type Http = SendRequest<Full<Bytes>>;
 
 impl Conn {
     /// Opens a connection and completes the Engine.IO handshake.
@@ -138,7 +142,7 @@ impl Conn {
         match self {
             Conn::Ws(mut ws) => {
                 let _ = ws_send(&mut ws, &["1".to_owned()]).await;
-                let _ = SinkExt::close(&mut ws).await;
+                let _ = SinkExt::close(ws.as_mut()).await;
             }
             Conn::Polling(mut p) => {
                 let _ = p.send(&["1".to_owned()]).await;
@@ -249,10 +253,15 @@ fn status_error(status: u16, body: &str) -> ConnError {
 
 impl Polling {
     async fn open(target: &Target, source: Option<IpAddr>) -> Result<(Polling, Open), ConnError> {
-        let mut get = http_conn(target, source).await?;
-        let query = "EIO=4&transport=polling";
-        let body = timed(request(&mut get, target, query, None)).await??;
-        let open = match Packet::parse_payload(&body)
+        let (body, get) = timed(exchange(
+            target,
+            source,
+            None,
+            "EIO=4&transport=polling",
+            None,
+        ))
+        .await?;
+        let open = match Packet::parse_payload(&body?)
             .map_err(|e| ConnError::Protocol(e.to_string()))?
             .into_iter()
             .next()
@@ -260,13 +269,13 @@ impl Polling {
             Some(Packet::Open(open)) => open,
             other => return Err(ConnError::Protocol(format!("expected open, got {other:?}"))),
         };
-        let post = http_conn(target, source).await?;
         Ok((
             Polling {
                 target: target.clone(),
+                source,
                 sid: open.sid.clone(),
                 get,
-                post,
+                post: None,
                 pending: None,
             },
             open,
@@ -279,19 +288,32 @@ impl Polling {
 
     async fn recv(&mut self) -> Result<Vec<Packet>, ConnError> {
         if self.pending.is_none() {
-            let req = build(&self.target, &self.query(), None);
-            let fut = self.get.send_request(req);
-            self.pending = Some(Box::pin(async move { read_response(fut.await).await }));
+            let (target, source, query) = (self.target.clone(), self.source, self.query());
+            let conn = self.get.take();
+            self.pending = Some(Box::pin(async move {
+                exchange(&target, source, conn, &query, None).await
+            }));
         }
-        let body = self.pending.as_mut().expect("set above").as_mut().await;
+        let (body, conn) = self.pending.as_mut().expect("set above").as_mut().await;
         self.pending = None;
+        self.get = conn;
         Packet::parse_payload(&body?).map_err(|e| ConnError::Protocol(e.to_string()))
     }
 
     async fn send(&mut self, packets: &[String]) -> Result<(), ConnError> {
         let body = protocol::payload(packets);
         let query = self.query();
-        let answer = timed(request(&mut self.post, &self.target, &query, Some(body))).await??;
+        let conn = self.post.take();
+        let (answer, conn) = timed(exchange(
+            &self.target,
+            self.source,
+            conn,
+            &query,
+            Some(body),
+        ))
+        .await?;
+        self.post = conn;
+        let answer = answer?;
         if answer != "ok" {
             return Err(ConnError::Protocol(format!("POST answered {answer:?}")));
         }
@@ -299,10 +321,39 @@ impl Polling {
     }
 }
 
-async fn http_conn(
+/// One HTTP request on `conn` (or a new connection when there is none, or it was closed);
+/// gives back the connection if the server keeps it open.
+async fn exchange(
     target: &Target,
     source: Option<IpAddr>,
-) -> Result<SendRequest<Full<Bytes>>, ConnError> {
+    conn: Option<Http>,
+    query: &str,
+    body: Option<String>,
+) -> (Result<String, ConnError>, Option<Http>) {
+    let mut conn = match conn {
+        Some(c) if !c.is_closed() => c,
+        _ => match http_conn(target, source).await {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        },
+    };
+    if let Err(e) = conn.ready().await {
+        return (Err(ConnError::Closed(e.to_string())), None);
+    }
+    let resp = match conn.send_request(build(target, query, body)).await {
+        Ok(r) => r,
+        Err(e) => return (Err(ConnError::Closed(e.to_string())), None),
+    };
+    let keep = !resp
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let text = read_response(resp).await;
+    let reusable = keep && text.is_ok();
+    (text, reusable.then_some(conn))
+}
+
+async fn http_conn(target: &Target, source: Option<IpAddr>) -> Result<Http, ConnError> {
     let stream = tcp(target.addr, source).await?;
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
@@ -322,22 +373,7 @@ fn build(target: &Target, query: &str, body: Option<String>) -> http::Request<Fu
         .expect("a valid request")
 }
 
-async fn request(
-    conn: &mut SendRequest<Full<Bytes>>,
-    target: &Target,
-    query: &str,
-    body: Option<String>,
-) -> Result<String, ConnError> {
-    conn.ready()
-        .await
-        .map_err(|e| ConnError::Closed(e.to_string()))?;
-    read_response(conn.send_request(build(target, query, body)).await).await
-}
-
-async fn read_response(
-    resp: hyper::Result<http::Response<hyper::body::Incoming>>,
-) -> Result<String, ConnError> {
-    let resp = resp.map_err(|e| ConnError::Closed(e.to_string()))?;
+async fn read_response(resp: http::Response<hyper::body::Incoming>) -> Result<String, ConnError> {
     let status = resp.status().as_u16();
     let body = resp
         .into_body()

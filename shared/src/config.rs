@@ -83,6 +83,11 @@ pub struct BalancerConfig {
     /// seconds. Default 10.
     #[serde(default = "defaults::header_timeout_secs")]
     pub header_timeout_secs: u64,
+    /// Open the public port with SO_REUSEPORT, so several balancer processes on one host share
+    /// it (the kernel spreads connections; stateless stickiness makes any of them right for
+    /// any request). Default false.
+    #[serde(default)]
+    pub reuse_port: bool,
     /// Request heads larger than this are answered 431. Default 16384; 1024 to 1048576.
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: usize,
