@@ -173,12 +173,12 @@ impl FleetProxy {
         worker: SocketAddr,
         ctx: &mut Ctx,
     ) -> Result<bool> {
-        session.set_read_timeout(Some(self.ws_read_timeout));
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req)?;
         let limits = ws_tunnel::Limits {
             connect: CONNECT_TIMEOUT,
             handshake: self.upstream_read_timeout,
+            idle: self.ws_read_timeout,
         };
         let label = ctx.label.as_str();
         let result = ws_tunnel::run(session, worker, &req, &limits, || {

@@ -4,17 +4,23 @@
 //! worker answers before the proxy has consumed the upgrade request's empty body
 //! (cloudflare/pingora#946; the fix, PR #947, is unreleased). A Socket.IO worker answers
 //! upgrades in microseconds, so under load the race is common. Here the 101 is read from the
-//! worker before the client side is touched, and the two directions are pumped until either
-//! side closes. Drop this module when pingora ships the fix.
+//! worker before the client side is touched; then the client's raw connection is taken out of
+//! pingora's session and the two sockets are joined by a plain byte copy: every broadcast
+//! crosses the balancer as one read and one write, with no per-message HTTP machinery, until
+//! either side closes. (RFC 6455 §4.1: a client sends nothing after its handshake until the
+//! 101, so no client bytes are left behind in pingora's buffers.)
 
+use std::io::Cursor;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pingora_core::protocols::Stream;
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -38,7 +44,12 @@ pub struct Limits {
     pub connect: Duration,
     /// For the worker's answer to the upgrade request.
     pub handshake: Duration,
+    /// Longest silence in either direction before the tunnel is closed (both sides ping).
+    pub idle: Duration,
 }
+
+/// Copy buffer per direction: Socket.IO messages are small, and a balancer holds thousands.
+const COPY_BUF: usize = 4096;
 
 /// Sends `req` to the worker at `addr` and, on a 101, joins client and worker until either
 /// closes. An error means the worker failed before the client was sent anything: the caller
@@ -60,7 +71,7 @@ pub async fn run(
         .await
         .or_err(ErrorType::WriteError, "sending upgrade request to worker")?;
 
-    let (head, rest) = timeout(limits.handshake, read_head(&mut upstream))
+    let (head, raw_head, rest) = timeout(limits.handshake, read_head(&mut upstream))
         .await
         .or_err(
             ErrorType::ReadTimedout,
@@ -73,56 +84,62 @@ pub async fn run(
         return Ok(Outcome::Refused);
     }
 
+    let Some(mut client) = take_client(session) else {
+        return Error::e_explain(ErrorType::InternalError, "upgrade on a non-HTTP/1 session");
+    };
     on_upgrade();
-    if session
-        .write_response_header(Box::new(head), false)
-        .await
-        .is_err()
+    // The worker's 101 goes to the client byte for byte, then whatever followed it.
+    if client.write_all(&raw_head).await.is_err()
+        || client.write_all(&rest).await.is_err()
+        || client.flush().await.is_err()
     {
         return Ok(Outcome::Tunnelled);
     }
-    if !rest.is_empty()
-        && session
-            .write_response_body(Some(rest), false)
-            .await
-            .is_err()
-    {
-        return Ok(Outcome::Tunnelled);
-    }
-    pump(session, upstream).await;
+    pump(client, upstream, limits.idle).await;
     Ok(Outcome::Tunnelled)
 }
 
-/// Copies bytes both ways until either side closes or fails. A WebSocket ends with a close or
-/// a reset from either side as a matter of course, so nothing here is an error.
-async fn pump(session: &mut Session, upstream: TcpStream) {
-    let (mut up_read, mut up_write) = upstream.into_split();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    loop {
-        tokio::select! {
-            from_client = session.downstream_session.read_request_body() => match from_client {
-                Ok(Some(data)) => {
-                    if up_write.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                _ => break,
-            },
-            from_worker = up_read.read_buf(&mut buf) => match from_worker {
-                Ok(n) if n > 0 => {
-                    let data = buf.split().freeze();
-                    if session.write_response_body(Some(data), false).await.is_err() {
-                        break;
-                    }
-                    if buf.capacity() < 4096 {
-                        buf.reserve(16 * 1024);
-                    }
-                }
-                _ => break,
-            },
+/// Takes the client's connection out of pingora's session, leaving an inert one behind.
+fn take_client(session: &mut Session) -> Option<Stream> {
+    let inert = ServerSession::new_http1(Box::new(Cursor::new(Vec::<u8>::new())));
+    match std::mem::replace(&mut *session.downstream_session, inert) {
+        ServerSession::H1(h1) => Some(h1.into_inner()),
+        other => {
+            *session.downstream_session = other;
+            None
         }
     }
+}
+
+/// Copies both ways until either side closes, fails, or stays silent for `idle`. A WebSocket
+/// ends with a close or a reset from either side as a matter of course: nothing here is an
+/// error.
+async fn pump(client: Stream, mut upstream: TcpStream, idle: Duration) {
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut up_read, mut up_write) = upstream.split();
+    tokio::select! {
+        _ = copy(&mut client_read, &mut up_write, idle) => {}
+        _ = copy(&mut up_read, &mut client_write, idle) => {}
+    }
     let _ = up_write.shutdown().await;
+    let _ = client_write.shutdown().await;
+}
+
+async fn copy(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    idle: Duration,
+) {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = match timeout(idle, from.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Relays a refused upgrade (e.g. 400 Session ID unknown, 503 while draining) as it came.
@@ -175,8 +192,8 @@ fn serialize(req: &RequestHeader) -> Vec<u8> {
     out
 }
 
-/// Reads a response head; returns it and any bytes that followed it.
-async fn read_head(upstream: &mut TcpStream) -> Result<(ResponseHeader, Bytes)> {
+/// Reads a response head; returns it parsed and raw, and any bytes that followed it.
+async fn read_head(upstream: &mut TcpStream) -> Result<(ResponseHeader, Bytes, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         let n = upstream
@@ -191,7 +208,7 @@ async fn read_head(upstream: &mut TcpStream) -> Result<(ResponseHeader, Bytes)> 
         }
         if let Some((head, used)) = parse_head(&buf)? {
             let rest = buf.split_off(used).freeze();
-            return Ok((head, rest));
+            return Ok((head, buf.freeze(), rest));
         }
         if buf.len() > MAX_HEAD {
             return Error::e_explain(

@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""Benchmarks, one invocation, one machine, one Redis version, one load generator:
+
+1. fleet vs the Node setup it replaces (bench/node: cluster + @socket.io/sticky + socket.io +
+   @socket.io/redis-adapter): server CPU per delivered message, server memory per idle
+   client, delivery p50/p99 at a fixed offered load, highest delivered/s with p99 < 100 ms;
+2. the balancer tax: the same scenario through the balancer and straight to the workers;
+3. (--capacity) how many clients the fleet holds: through one balancer process, and through
+   several sharing the public port (SO_REUSEPORT).
+
+Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
+       [--capacity] [--json FILE]
+Servers and clients all run on 127.0.0.1; "server" CPU and memory include Redis.
+"""
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("FLEET_BIN_DIR", ROOT / "target" / "release"))
+NODE_SERVER = ROOT / "bench" / "node" / "server.js"
+TICK = os.sysconf("SC_CLK_TCK")
+LOGS = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n):
+    """n consecutive free ports."""
+    while True:
+        base = free_port()
+        if base + n < 65000 and all(port_free(base + i) for i in range(n)):
+            return base
+
+
+def port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_port(port, timeout=30):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def descendants(pid):
+    """pid and every process below it."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss_bytes(pids):
+    total = 0
+    for p in pids:
+        try:
+            m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text())
+            total += int(m.group(1)) * 1024 if m else 0
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    def __init__(self, name, args, env=None):
+        self.log = open(LOGS / f"{name}.log", "w")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def pids(self):
+        return descendants(self.p.pid)
+
+    def stop(self):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, 15)
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, 9)
+                self.p.wait()
+
+
+class Redis(Proc):
+    def __init__(self):
+        self.port = free_port()
+        super().__init__(f"redis-{self.port}", ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                                "--save", "", "--appendonly", "no"])
+        wait_port(self.port)
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+
+class Fleet:
+    """The balancer spawning `workers` workers, plus `extra_balancers` more sharing its port."""
+
+    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000):
+        self.port, self.base = free_port(), free_ports(workers)
+        self.workers = workers
+        self.procs = []
+        for i in range(1 + extra_balancers):
+            metrics = free_port()
+            cfg = LOGS / f"fleet-{self.port}-{i}.yaml"
+            cfg.write_text(
+                f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{metrics}\n"
+                f"redis:\n  url: {redis.url}\n"
+                f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
+                f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
+                f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n")
+            self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
+            if i == 0:
+                for w in range(workers):
+                    wait_port(self.base + w)
+            wait_port(metrics)
+        wait_port(self.port)
+        time.sleep(2.5)  # two health-check rounds: every worker in placement
+
+    url = property(lambda self: f"http://127.0.0.1:{self.port}")
+    worker_urls = property(lambda self: ",".join(f"http://127.0.0.1:{self.base + i}" for i in range(self.workers)))
+
+    def pids(self):
+        return [p for proc in self.procs for p in proc.pids()]
+
+    def balancer_pids(self):
+        return [proc.p.pid for proc in self.procs]
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
+class NodeSetup(Proc):
+    def __init__(self, redis, workers):
+        self.port = free_port()
+        super().__init__(f"node-{self.port}", ["node", str(NODE_SERVER)],
+                         env={"PORT": str(self.port), "WORKERS": str(workers), "REDIS_URL": redis.url})
+        wait_port(self.port)
+        time.sleep(1.5)  # workers forked and subscribed
+
+    url = property(lambda self: f"http://127.0.0.1:{self.port}")
+
+    def pids(self):
+        return self.p and descendants(self.p.pid)
+
+
+def loadtest(url, args, on_ready=None, name="loadtest"):
+    """Runs the load generator; calls on_ready() when publishing starts; returns its report."""
+    out = LOGS / f"{name}-{time.monotonic_ns()}.json"
+    cmd = [str(BIN / "loadtest"), "--url", url, "--json", str(out), *map(str, args)]
+    log = open(LOGS / f"{out.stem}.log", "w")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        log.write(line)
+        if line.startswith("[") or line.startswith("ready"):
+            print("    " + line.rstrip(), file=sys.stderr, flush=True)
+        if line.startswith("ready:") and on_ready:
+            on_ready()
+    p.wait()
+    if not out.exists():
+        raise RuntimeError(f"loadtest failed: see {log.name}")
+    return json.loads(out.read_text())
+
+
+def measured_run(server_pids, url, args, name):
+    """A load run with the servers' CPU seconds counted from the start of publishing to the end."""
+    mark = {}
+    report = loadtest(url, args, on_ready=lambda: mark.setdefault("cpu", cpu_seconds(server_pids())), name=name)
+    cpu = cpu_seconds(server_pids()) - mark.get("cpu", 0)
+    delivered = max(report["deliveries"]["delivered"], 1)
+    return {
+        "connected": report["connected"],
+        "connect_errors": report["failed"],
+        "errors": report["errors"],
+        "delivered": report["deliveries"]["delivered"],
+        "missing": report["deliveries"]["missing"],
+        "duplicate": report["deliveries"]["duplicate"],
+        "delivered_per_sec": round(report["delivered_per_sec"]),
+        "p50_ms": report["delivery_ms"]["p50"],
+        "p99_ms": report["delivery_ms"]["p99"],
+        "cpu_s": round(cpu, 2),
+        "cpu_us_per_delivery": round(cpu * 1e6 / delivered, 2),
+    }
+
+
+def memory_per_client(server_pids, url, clients, name):
+    base = rss_bytes(server_pids())
+    sample = {}
+
+    def on_ready():
+        def later():
+            time.sleep(3)
+            sample["rss"] = rss_bytes(server_pids())
+        threading.Thread(target=later, daemon=True).start()
+
+    report = loadtest(url, ["-c", clients, "--publishers", 0, "-d", 6, "--settle", 0, "--connect-rate", 1000,
+                            "--connect-timeout", 90], on_ready=on_ready, name=name)
+    connected = max(report["connected"], 1)
+    return {
+        "clients": clients,
+        "connected": report["connected"],
+        "connect_errors": report["failed"],
+        "errors": report["errors"],
+        "rss_idle_mb": round(base / 2**20, 1),
+        "rss_loaded_mb": round(sample.get("rss", 0) / 2**20, 1),
+        "kb_per_client": round((sample.get("rss", 0) - base) / 1024 / connected, 1),
+    }
+
+
+def scenario(rate, duration, clients=1000):
+    return ["-c", clients, "--rooms", 10, "--publishers", 10, "--rate", rate, "-d", duration, "--settle", 1,
+            "--connect-rate", 500, "--connect-timeout", 90, "--transport", "websocket"]
+
+
+def max_rate(server_pids, url, rates, duration, name):
+    """The highest delivered/s whose p99 stays under 100 ms with nothing lost."""
+    best, steps = None, []
+    for rate in rates:
+        r = measured_run(server_pids, url, scenario(rate, duration), f"{name}-rate{rate}")
+        r["rate_per_publisher"] = rate
+        steps.append(r)
+        ok = r["p99_ms"] < 100 and r["missing"] == 0 and r["duplicate"] == 0
+        print(f"  {name} rate {rate}/s/publisher: {r['delivered_per_sec']} delivered/s, p99 {r['p99_ms']} ms"
+              f" {'ok' if ok else 'over'}", file=sys.stderr)
+        if not ok:
+            break
+        best = r
+    return {"best_delivered_per_sec": best and best["delivered_per_sec"], "steps": steps}
+
+
+def compare(args, results):
+    workers = args.workers
+    for name, make in (("fleet", lambda r: Fleet(r, workers)), ("node", lambda r: NodeSetup(r, workers))):
+        print(f"== {name}: {workers} workers", file=sys.stderr)
+        redis = Redis()
+        setup = make(redis)
+        pids = lambda: setup.pids() + redis.pids()  # noqa: E731
+        try:
+            res = {"fixed_load": measured_run(pids, setup.url, scenario(args.rate, args.duration), f"{name}-fixed")}
+            res["memory"] = memory_per_client(pids, setup.url, args.idle_clients, f"{name}-idle")
+            res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
+            results[name] = res
+        finally:
+            setup.stop()
+            redis.stop()
+
+
+def balancer_tax(args, results):
+    print("== balancer tax", file=sys.stderr)
+    redis = Redis()
+    fleet = Fleet(redis, args.workers)
+    pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
+    try:
+        through = measured_run(pids, fleet.url, scenario(args.rate, args.duration), "tax-through")
+        direct = measured_run(pids, fleet.worker_urls, scenario(args.rate, args.duration), "tax-direct")
+        results["balancer_tax"] = {
+            "through_balancer": through, "direct": direct,
+            "cpu_tax_pct": round((through["cpu_us_per_delivery"] / direct["cpu_us_per_delivery"] - 1) * 100, 1),
+        }
+    finally:
+        fleet.stop()
+        redis.stop()
+
+
+def capacity(args, results):
+    out = {}
+    for label, clients, workers, balancers, procs, sources in (
+        ("one balancer process", args.cap_one, 2, 0, 1, []),
+        ("several balancer processes", args.cap_many, 3, 4, 3, ["--source", "127.0.0.1-127.0.0.4"]),
+    ):
+        print(f"== capacity: {clients} clients, {label}", file=sys.stderr)
+        redis = Redis()
+        fleet = Fleet(redis, workers, extra_balancers=balancers, ping_interval_ms=5000)
+        pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
+        try:
+            base = rss_bytes(pids())
+            sample = {}
+
+            def on_ready():
+                def later():
+                    time.sleep(15)  # three heartbeats for every client
+                    sample["rss"] = rss_bytes(pids())
+                    sample["balancers"] = rss_bytes(fleet.balancer_pids())
+                threading.Thread(target=later, daemon=True).start()
+
+            r = loadtest(fleet.url, ["-c", clients, "--publishers", 10, "--rooms", 100, "--rate", 2, "-d", 20,
+                                     "--settle", 1, "--connect-rate", 2000, "--connect-timeout", 120,
+                                     "--procs", procs, *sources], on_ready=on_ready, name=f"cap-{clients}")
+            held = max(r["connected"], 1)
+            out[label] = {
+                "clients": clients, "balancer_processes": 1 + balancers, "workers": workers,
+                "connected": r["connected"], "connect_errors": r["failed"], "errors": r["errors"],
+                "missing": r["deliveries"]["missing"], "p99_ms": r["delivery_ms"]["p99"],
+                "server_rss_mb": round(sample.get("rss", 0) / 2**20, 1),
+                "kb_per_client": round((sample.get("rss", 0) - base) / 1024 / held, 1),
+                "balancer_kb_per_client": round(sample.get("balancers", 0) / 1024 / held, 1),
+            }
+        finally:
+            fleet.stop()
+            redis.stop()
+    results["capacity"] = out
+
+
+def table(results):
+    lines = []
+    f, n = results.get("fleet"), results.get("node")
+    if f and n:
+        def ratio(a, b):
+            return f"{a / b:.1f}x" if a and b else "-"
+        ff, nf = f["fixed_load"], n["fixed_load"]
+        lines += [
+            f"{'':38}{'fleet':>14}{'node':>14}{'node/fleet':>12}",
+            f"{'server CPU per delivery (us)':38}{ff['cpu_us_per_delivery']:>14}{nf['cpu_us_per_delivery']:>14}"
+            f"{ratio(nf['cpu_us_per_delivery'], ff['cpu_us_per_delivery']):>12}",
+            f"{'delivery p50 at fixed load (ms)':38}{ff['p50_ms']:>14}{nf['p50_ms']:>14}{ratio(nf['p50_ms'], ff['p50_ms']):>12}",
+            f"{'delivery p99 at fixed load (ms)':38}{ff['p99_ms']:>14}{nf['p99_ms']:>14}{ratio(nf['p99_ms'], ff['p99_ms']):>12}",
+            f"{'delivered/s at fixed load':38}{ff['delivered_per_sec']:>14}{nf['delivered_per_sec']:>14}",
+            f"{'connect errors at fixed load':38}{ff['connect_errors']:>14}{nf['connect_errors']:>14}",
+            f"{'server KB per idle client':38}{f['memory']['kb_per_client']:>14}{n['memory']['kb_per_client']:>14}"
+            f"{ratio(n['memory']['kb_per_client'], f['memory']['kb_per_client']):>12}",
+            f"{'idle clients connected':38}{f['memory']['connected']:>14}{n['memory']['connected']:>14}",
+            f"{'max delivered/s with p99 < 100 ms':38}{str(f['max_rate']['best_delivered_per_sec']):>14}"
+            f"{str(n['max_rate']['best_delivered_per_sec']):>14}",
+        ]
+    if "balancer_tax" in results:
+        t = results["balancer_tax"]
+        lines += ["", f"balancer tax: {t['through_balancer']['cpu_us_per_delivery']} us/delivery through, "
+                      f"{t['direct']['cpu_us_per_delivery']} direct: {t['cpu_tax_pct']}% more CPU; p99 "
+                      f"{t['through_balancer']['p99_ms']} vs {t['direct']['p99_ms']} ms"]
+    for label, c in results.get("capacity", {}).items():
+        lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
+                     f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
+                     f"(balancers {c['balancer_kb_per_client']} KB/client), p99 {c['p99_ms']} ms")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
+    ap.add_argument("--capacity", action="store_true", help="also the capacity runs (minutes)")
+    ap.add_argument("--only-capacity", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    args.rate, args.duration, args.step_duration = 20, 15, 8
+    args.idle_clients, args.rates = 10_000, [20, 50, 100, 200, 400]
+    args.cap_one, args.cap_many = 9_500, 40_000
+    if args.quick:
+        args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
+        args.cap_one, args.cap_many = 500, 1500
+    print(f"logs in {LOGS}", file=sys.stderr)
+    results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
+    if not args.only_capacity:
+        compare(args, results)
+        balancer_tax(args, results)
+    if args.capacity or args.only_capacity:
+        capacity(args, results)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
