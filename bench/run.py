@@ -273,19 +273,28 @@ def max_rate(server_pids, url, rates, duration, name):
 
 def compare(args, results):
     workers = args.workers
-    for name, make in (("fleet", lambda r: Fleet(r, workers)), ("node", lambda r: NodeSetup(r, workers))):
+    # A balancer process holds 2 descriptors per client and may open 20,000 here: past ~9,900
+    # clients the fleet runs a second balancer process on the same port (SO_REUSEPORT).
+    extra = (args.idle_clients - 1) // 9_000
+    for name, make in (("fleet", lambda r, big: Fleet(r, workers, extra_balancers=extra if big else 0)),
+                       ("node", lambda r, big: NodeSetup(r, workers))):
         print(f"== {name}: {workers} workers", file=sys.stderr)
-        redis = Redis()
-        setup = make(redis)
-        pids = lambda: setup.pids() + redis.pids()  # noqa: E731
-        try:
-            res = {"fixed_load": measured_run(pids, setup.url, scenario(args.rate, args.duration), f"{name}-fixed")}
-            res["memory"] = memory_per_client(pids, setup.url, args.idle_clients, f"{name}-idle")
-            res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
-            results[name] = res
-        finally:
-            setup.stop()
-            redis.stop()
+        res = {}
+        for big in (False, True):
+            redis = Redis()
+            setup = make(redis, big)
+            pids = lambda: setup.pids() + redis.pids()  # noqa: E731
+            try:
+                if big:
+                    res["memory"] = memory_per_client(pids, setup.url, args.idle_clients, f"{name}-idle")
+                else:
+                    res["fixed_load"] = measured_run(pids, setup.url, scenario(args.rate, args.duration),
+                                                     f"{name}-fixed")
+                    res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
+            finally:
+                setup.stop()
+                redis.stop()
+        results[name] = res
 
 
 def balancer_tax(args, results):

@@ -6,7 +6,7 @@ from fleet_harness import BIN_DIR, free_port, port_open
 
 GOOD = """\
 listen: 0.0.0.0:8080
-metrics_listen: 0.0.0.0:9090
+metrics_listen: 0.0.0.0:9100
 redis:
   url: redis://127.0.0.1:6379
 workers:

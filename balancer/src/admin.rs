@@ -45,11 +45,26 @@ impl ServeHttp for Admin {
                 }
             }
             "/sd" => {
+                // `?host=NAME` names the workers by a host Prometheus can reach (in a
+                // container, the fleet's service name) instead of their bind address.
+                let host = session
+                    .req_header()
+                    .uri
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("host=")))
+                    .filter(|h| !h.is_empty() && h.len() <= 253 && !h.contains(['/', '@', ':']))
+                    .map(str::to_owned);
                 let groups: Vec<_> = self
                     .upstreams
                     .workers()
                     .iter()
-                    .map(|(addr, _)| json!({"targets": [addr.to_string()], "labels": {"worker": self.upstreams.label(addr)}}))
+                    .map(|(addr, _)| {
+                        let target = match &host {
+                            Some(h) => format!("{h}:{}", addr.port()),
+                            None => addr.to_string(),
+                        };
+                        json!({"targets": [target], "labels": {"worker": self.upstreams.label(addr)}})
+                    })
                     .collect();
                 reply(
                     200,

@@ -29,6 +29,27 @@ pub struct Metrics {
     pub duration: Histogram,
 }
 
+impl Metrics {
+    /// Creates the series whose labels are known up front at 0, so dashboards and alerts see
+    /// "none yet" rather than "no data".
+    pub fn init_series(&self, worker_labels: &[String], supervised: bool) {
+        for reason in ["malformed", "unknown_worker", "worker_down"] {
+            self.sticky_rejects.with_label_values(&[reason]);
+        }
+        for class in crate::rejections::Class::ALL {
+            self.rejects.with_label_values(&[class.as_str()]);
+        }
+        for w in worker_labels {
+            self.upstream_errors.with_label_values(&[w.as_str()]);
+            self.placed.with_label_values(&[w.as_str()]);
+            self.websockets.with_label_values(&[w.as_str()]);
+            if supervised {
+                self.restarts.with_label_values(&[w.as_str()]);
+            }
+        }
+    }
+}
+
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let c = |name: &str, help: &str, label: &[&str]| {

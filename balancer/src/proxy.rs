@@ -181,10 +181,8 @@ impl FleetProxy {
             idle: self.ws_read_timeout,
         };
         let label = ctx.label.as_str();
-        let result = ws_tunnel::run(session, worker, &req, &limits, || {
-            METRICS.websockets.with_label_values(&[label]).inc();
-        })
-        .await;
+        let open = METRICS.websockets.with_label_values(&[label]);
+        let result = ws_tunnel::run(session, worker, &req, &limits, open).await;
         match result {
             Ok(ws_tunnel::Outcome::Tunnelled) => ctx.websocket = true,
             Ok(ws_tunnel::Outcome::Refused) => {}
@@ -398,12 +396,8 @@ impl ProxyHttp for FleetProxy {
             .requests
             .with_label_values(&[ctx.label.as_str(), ctx.transport])
             .inc();
-        if ctx.websocket {
-            METRICS
-                .websockets
-                .with_label_values(&[ctx.label.as_str()])
-                .dec();
-        } else {
+        // A tunnel counts itself in the websockets gauge while it lasts (see `ws_tunnel`).
+        if !ctx.websocket {
             METRICS
                 .duration
                 .observe(ctx.started.elapsed().as_secs_f64());

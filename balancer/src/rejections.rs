@@ -26,6 +26,16 @@ pub enum Class {
 }
 
 impl Class {
+    /// Every class.
+    pub const ALL: [Class; 6] = [
+        Class::NotFound,
+        Class::BadRequest,
+        Class::SessionUnknown,
+        Class::HeaderTooLarge,
+        Class::NoWorker,
+        Class::UpstreamFailed,
+    ];
+
     /// The `class` label value.
     pub fn as_str(self) -> &'static str {
         match self {

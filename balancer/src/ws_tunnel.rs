@@ -19,6 +19,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_prometheus::prometheus::IntGauge;
 use pingora_proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -53,13 +54,14 @@ const COPY_BUF: usize = 4096;
 
 /// Sends `req` to the worker at `addr` and, on a 101, joins client and worker until either
 /// closes. An error means the worker failed before the client was sent anything: the caller
-/// answers 502. `on_upgrade` runs once the worker has accepted.
+/// answers 502. Once the worker has accepted, the tunnel runs in a task of its own (so none of
+/// pingora's per-request state stays alive with it) and `open` counts it while it lasts.
 pub async fn run(
     session: &mut Session,
     addr: SocketAddr,
     req: &RequestHeader,
     limits: &Limits,
-    on_upgrade: impl FnOnce(),
+    open: IntGauge,
 ) -> Result<Outcome> {
     let mut upstream = timeout(limits.connect, TcpStream::connect(addr))
         .await
@@ -87,15 +89,18 @@ pub async fn run(
     let Some(mut client) = take_client(session) else {
         return Error::e_explain(ErrorType::InternalError, "upgrade on a non-HTTP/1 session");
     };
-    on_upgrade();
-    // The worker's 101 goes to the client byte for byte, then whatever followed it.
-    if client.write_all(&raw_head).await.is_err()
-        || client.write_all(&rest).await.is_err()
-        || client.flush().await.is_err()
-    {
-        return Ok(Outcome::Tunnelled);
-    }
-    pump(client, upstream, limits.idle).await;
+    open.inc();
+    let idle = limits.idle;
+    tokio::spawn(async move {
+        // The worker's 101 goes to the client byte for byte, then whatever followed it.
+        if client.write_all(&raw_head).await.is_ok()
+            && client.write_all(&rest).await.is_ok()
+            && client.flush().await.is_ok()
+        {
+            pump(client, upstream, idle).await;
+        }
+        open.dec();
+    });
     Ok(Outcome::Tunnelled)
 }
 

@@ -15,7 +15,7 @@ pub struct FleetConfig {
     /// The balancer's public address. Default `0.0.0.0:8080`.
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
-    /// The balancer's `/metrics`, `/healthz`, `/readyz`, `/sd`. Default `0.0.0.0:9090`.
+    /// The balancer's `/metrics`, `/healthz`, `/readyz`, `/sd`. Default `0.0.0.0:9100`.
     #[serde(default = "defaults::metrics_listen")]
     pub metrics_listen: SocketAddr,
     /// Redis, which carries cross-worker broadcasts.
@@ -185,7 +185,7 @@ mod defaults {
         SocketAddr::from(([0, 0, 0, 0], 8080))
     }
     pub fn metrics_listen() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], 9090))
+        SocketAddr::from(([0, 0, 0, 0], 9100))
     }
     pub fn redis_url() -> String {
         "redis://127.0.0.1:6379".into()
@@ -317,10 +317,46 @@ impl FleetConfig {
             line: None,
             message: format!("cannot read the fleet file: {e}"),
         })?;
-        Self::from_yaml_str(&text).map_err(|mut e| {
+        let mut cfg = Self::from_yaml_str(&text).map_err(|mut e| {
             e.file = Some(path.to_owned());
             e
-        })
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// Overrides from the environment, for containers that mount one fleet file everywhere:
+    /// `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL` and `FLEET_WORKERS_HOST`
+    /// (e.g. `0.0.0.0`, so workers in a container are reachable from outside it).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable when its value is invalid.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |name: &str, message: String| ConfigError {
+            file: None,
+            key: Some(format!("env {name}")),
+            line: None,
+            message,
+        };
+        let addr = |name: &str, v: String| {
+            v.parse::<SocketAddr>()
+                .map_err(|e| bad(name, format!("{e}: {v:?}")))
+        };
+        if let Some(v) = var("FLEET_LISTEN") {
+            self.listen = addr("FLEET_LISTEN", v)?;
+        }
+        if let Some(v) = var("FLEET_METRICS_LISTEN") {
+            self.metrics_listen = addr("FLEET_METRICS_LISTEN", v)?;
+        }
+        if let Some(v) = var("FLEET_REDIS_URL") {
+            validate_redis_url(&v).map_err(|m| bad("FLEET_REDIS_URL", m))?;
+            self.redis.url = v;
+        }
+        if let Some(v) = var("FLEET_WORKERS_HOST") {
+            validate_host_port(&format!("{v}:1")).map_err(|m| bad("FLEET_WORKERS_HOST", m))?;
+            self.workers.host = v;
+        }
+        Ok(())
     }
 
     /// Parse and validate fleet YAML text.
@@ -634,11 +670,30 @@ pub fn locate_key(text: &str, dotted: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn environment_overrides_name_the_variable() {
+        let mut cfg = FleetConfig::default();
+        let env = |k: &str| match k {
+            "FLEET_REDIS_URL" => Some("redis://redis:6379".to_owned()),
+            "FLEET_LISTEN" => Some("0.0.0.0:8000".to_owned()),
+            "FLEET_WORKERS_HOST" => Some("0.0.0.0".to_owned()),
+            _ => None,
+        };
+        cfg.apply_env(env).unwrap();
+        assert_eq!(cfg.redis.url, "redis://redis:6379");
+        assert_eq!(cfg.listen.to_string(), "0.0.0.0:8000");
+        assert_eq!(cfg.worker_addr(1), "0.0.0.0:9002");
+        let err = FleetConfig::default()
+            .apply_env(|k| (k == "FLEET_LISTEN").then(|| "nowhere".to_owned()))
+            .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("env FLEET_LISTEN"));
+    }
+
     use super::*;
 
     const GOOD: &str = "\
 listen: 0.0.0.0:8080
-metrics_listen: 0.0.0.0:9090
+metrics_listen: 0.0.0.0:9100
 redis:
   url: redis://127.0.0.1:6379
 workers:

@@ -1,0 +1,67 @@
+"""From the host, against `docker compose up` of deploy/compose.yaml: official-protocol clients
+connect through the published port and a room broadcast crosses workers; Prometheus shows the
+balancer and every worker up and counts the clients; the image's HEALTHCHECK passes."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fleet_harness import Client, wait_until  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+COUNT = yaml.safe_load((ROOT / "deploy/fleet.yaml").read_text())["workers"]["count"]
+FLEET, ADMIN, PROM = "http://127.0.0.1:8080", "http://127.0.0.1:9100", "http://127.0.0.1:9090/api/v1"
+
+
+def ok(url):
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def main():
+    wait_until(lambda: ok(ADMIN + "/readyz"), 240, interval=1, what="balancer ready in its container")
+    wait_until(lambda: requests.get(ADMIN + "/readyz", timeout=2).text.startswith(f"ready: {COUNT} "), 60,
+               interval=1, what=f"all {COUNT} workers ready")
+    clients = [Client(FLEET, ["polling", "websocket"] if i % 2 else ["websocket"]).connect() for i in range(3 * COUNT)]
+    workers = {c.call("whoami")["worker"] for c in clients}
+    assert len(workers) >= 2, workers
+    for c in clients:
+        c.call("join", "compose")
+    clients[0].call("publish", {"room": "compose", "data": "across"})
+    for c in clients:
+        wait_until(lambda c=c: c.data_received() == ["across"], 10, what="broadcast reached every member")
+    time.sleep(0.5)
+    assert all(c.data_received() == ["across"] for c in clients), "exactly once"
+    print(f"compose check: {len(clients)} clients on {sorted(workers)}, broadcast delivered once to each")
+
+    def targets():
+        t = requests.get(PROM + "/targets", timeout=2).json()["data"]["activeTargets"]
+        return sorted((x["labels"]["job"], x["health"]) for x in t)
+    want = [("fleet-balancer", "up")] + [("fleet-workers", "up")] * COUNT
+    wait_until(lambda: targets() == want, 90, interval=1, what="Prometheus sees the balancer and every worker up")
+
+    def connections():
+        r = requests.get(PROM + "/query", params={"query": "sum(fleet_worker_connections)"}, timeout=2).json()
+        res = r["data"]["result"]
+        return float(res[0]["value"][1]) if res else None
+    wait_until(lambda: connections() == len(clients), 60, interval=1, what="sum(fleet_worker_connections) == clients")
+    print(f"compose check: Prometheus has {len(want)} targets up and counts {len(clients)} connections")
+
+    cid = subprocess.run(["docker-compose", "-f", str(ROOT / "deploy/compose.yaml"), "ps", "-q", "fleet"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    hc = subprocess.run(["podman", "healthcheck", "run", cid], capture_output=True, text=True)
+    assert hc.returncode == 0, f"HEALTHCHECK failed: {hc.stdout} {hc.stderr}"
+    print("compose check: the image's HEALTHCHECK passes")
+    for c in clients:
+        c.close()
+
+
+if __name__ == "__main__":
+    main()
