@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,41 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("FLEET_BIN_DIR", ROOT / "target" / "release"))
 NODE_SERVER = ROOT / "bench" / "node" / "server.js"
 TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(ROOT / "tests"))
+from fleet_harness import free_port, free_port_range as free_ports, port_open, wait_until  # noqa: E402
 LOGS = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n):
-    """n consecutive free ports."""
-    while True:
-        base = free_port()
-        if base + n < 65000 and all(port_free(base + i) for i in range(n)):
-            return base
-
-
-def port_free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def wait_port(port, timeout=30):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+    wait_until(lambda: port_open(port), timeout, interval=0.1, what=f"something listening on {port}")
 
 
 def descendants(pid):
@@ -322,7 +293,7 @@ def capacity(args, results):
     ):
         print(f"== capacity: {clients} clients, {label}", file=sys.stderr)
         redis = Redis()
-        fleet = Fleet(redis, workers, extra_balancers=balancers, ping_interval_ms=5000)
+        fleet = Fleet(redis, workers, extra_balancers=balancers)
         pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
         try:
             base = rss_bytes(pids())
@@ -330,13 +301,13 @@ def capacity(args, results):
 
             def on_ready():
                 def later():
-                    time.sleep(15)  # three heartbeats for every client
+                    time.sleep(27)  # every client has been pinged (25 s interval) and answered
                     sample["rss"] = rss_bytes(pids())
                     sample["balancers"] = rss_bytes(fleet.balancer_pids())
                 threading.Thread(target=later, daemon=True).start()
 
-            r = loadtest(fleet.url, ["-c", clients, "--publishers", 10, "--rooms", 100, "--rate", 2, "-d", 20,
-                                     "--settle", 1, "--connect-rate", 2000, "--connect-timeout", 120,
+            r = loadtest(fleet.url, ["-c", clients, "--publishers", 10, "--rooms", 100, "--rate", 2, "-d", 30,
+                                     "--settle", 1, "--connect-rate", 1000, "--connect-timeout", 120,
                                      "--procs", procs, *sources], on_ready=on_ready, name=f"cap-{clients}")
             held = max(r["connected"], 1)
             out[label] = {

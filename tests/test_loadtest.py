@@ -105,3 +105,14 @@ def test_a_killed_worker_shows_as_missing_and_fails_the_run(closer, tmp_path, re
     assert d["delivered"] - d["duplicate"] + d["missing"] == d["expected"]
     assert any(k.startswith("dropped_") for k in r["errors"]), r["errors"]
     assert r["pass"] is False
+
+
+def test_clients_answer_heartbeats_during_a_long_connect_phase(closer, tmp_path, redis):
+    """A connect phase longer than the server's ping interval + timeout: clients that are
+    already in must keep answering pings, or the server drops them before publishing starts."""
+    b = start(closer, tmp_path, redis, extra="socketio:\n  ping_interval_ms: 400\n  ping_timeout_ms: 400\n")
+    code, r, out = run_loadtest(b.url, tmp_path, "-c", 30, "--connect-rate", 10, "--rooms", 3, "--publishers", 3,
+                                "--rate", 10, "--messages", 10, "-d", 2, "--settle", 1)
+    assert code == 0, out
+    assert r["errors"] == {} and r["connected"] == 30, out
+    assert r["deliveries"]["missing"] == 0 and r["deliveries"]["expected"] == 300

@@ -92,7 +92,9 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
     };
     shared.stats.connected.fetch_add(1, Relaxed);
 
-    let _ = phase.wait_for(|p| *p >= Phase::Publish).await;
+    // Straight into the session loop: it answers the server's pings while others connect
+    // (a client that only waited would be dropped by the heartbeat in a long connect phase),
+    // and publishes only once the run reaches `Phase::Publish`.
     let mut member = Member {
         index,
         room,
