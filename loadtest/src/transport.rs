@@ -166,6 +166,7 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Conn
     }
     .map_err(ConnError::Connect)?;
     if let Some(ip) = source {
+        no_port_at_bind(&socket);
         socket
             .bind(SocketAddr::new(ip, 0))
             .map_err(ConnError::Connect)?;
@@ -175,6 +176,25 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Conn
         .map_err(ConnError::Connect)?;
     stream.set_nodelay(true).ok();
     Ok(stream)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: pick the local port at connect, not at bind. A port taken by
+/// bind() is withheld from every other connect() on the machine, so tens of thousands of bound
+/// clients would starve the servers' own outgoing connections (a balancer's to its workers) of
+/// ephemeral ports; a port picked at connect is shared by connections to different places.
+fn no_port_at_bind(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 async fn ws_connect(
