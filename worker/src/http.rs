@@ -45,10 +45,11 @@ pub struct HttpCtx {
 pub async fn handle(
     ctx: Arc<HttpCtx>,
     conn: ConnId,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     if shared::eio_query::under_path(path, &ctx.sio_path) {
+        let mut req = own_head(req);
         req.extensions_mut().insert(conn);
         return Ok(engine_io(&ctx, conn, req).await);
     }
@@ -69,6 +70,26 @@ pub async fn handle(
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
+}
+
+/// The request with its URI and header values copied out of hyper's read buffer.
+///
+/// hyper's header values are slices of its 8 KiB connection read buffer, and engineioxide keeps
+/// a session's request head (and a WebSocket's, for the connection's life): without this copy
+/// every WebSocket pins that whole buffer — 8 KB of the worker's ~27 KB per idle WebSocket.
+fn own_head(req: Request<Incoming>) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
+        parts.uri = uri;
+    }
+    let shared = std::mem::take(&mut parts.headers);
+    parts.headers.reserve(shared.len());
+    for (name, value) in &shared {
+        let owned =
+            header::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        parts.headers.append(name.clone(), owned);
+    }
+    Request::from_parts(parts, body)
 }
 
 async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Response<Body> {
