@@ -77,7 +77,7 @@ pub async fn handle(
 /// hyper's header values are slices of its 8 KiB connection read buffer, and engineioxide keeps
 /// a session's request head (and a WebSocket's, for the connection's life): without this copy
 /// every WebSocket pins that whole buffer — 8 KB of the worker's ~27 KB per idle WebSocket.
-fn own_head(req: Request<Incoming>) -> Request<Incoming> {
+fn own_head<B>(req: Request<B>) -> Request<B> {
     let (mut parts, body) = req.into_parts();
     if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
         parts.uri = uri;
@@ -148,4 +148,26 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
         .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_head_keeps_the_request_as_it_was() {
+        let req = Request::get("/socket.io/?EIO=4&transport=websocket")
+            .header("upgrade", "websocket")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-twice", "a")
+            .header("x-twice", "b")
+            .body(())
+            .unwrap();
+        let owned = own_head(req);
+        assert_eq!(owned.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(owned.headers()["upgrade"], "websocket");
+        assert_eq!(owned.headers()["x-forwarded-for"], "10.0.0.1");
+        let twice: Vec<_> = owned.headers().get_all("x-twice").iter().collect();
+        assert_eq!(twice, ["a", "b"]);
+    }
 }
