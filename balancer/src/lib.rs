@@ -64,13 +64,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     lb.parallel_health_check = true;
     let lb_service = background_service("worker health", lb);
     let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
-    let labels: Vec<String> = if cfg.workers.discover.is_none() && cfg.workers.upstreams.is_empty()
-    {
-        (0..cfg.workers.count).map(FleetConfig::worker_id).collect()
-    } else {
-        Vec::new()
-    };
-    metrics::METRICS.init_series(&labels, cfg.spawns_workers());
+    metrics::METRICS.init_series(upstreams.named_labels(), cfg.spawns_workers());
 
     let mut proxy = Service::new(
         "proxy".to_owned(),

@@ -32,7 +32,7 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the series whose labels are known up front at 0, so dashboards and alerts see
     /// "none yet" rather than "no data".
-    pub fn init_series(&self, worker_labels: &[String], supervised: bool) {
+    pub fn init_series<'a>(&self, worker_labels: impl Iterator<Item = &'a str>, supervised: bool) {
         for reason in ["malformed", "unknown_worker", "worker_down"] {
             self.sticky_rejects.with_label_values(&[reason]);
         }
@@ -40,11 +40,11 @@ impl Metrics {
             self.rejects.with_label_values(&[class.as_str()]);
         }
         for w in worker_labels {
-            self.upstream_errors.with_label_values(&[w.as_str()]);
-            self.placed.with_label_values(&[w.as_str()]);
-            self.websockets.with_label_values(&[w.as_str()]);
+            self.upstream_errors.with_label_values(&[w]);
+            self.placed.with_label_values(&[w]);
+            self.websockets.with_label_values(&[w]);
             if supervised {
-                self.restarts.with_label_values(&[w.as_str()]);
+                self.restarts.with_label_values(&[w]);
             }
         }
     }

@@ -138,9 +138,7 @@ impl FleetProxy {
             .await?;
         Ok(true)
     }
-}
 
-impl FleetProxy {
     /// X-Forwarded-For / -Proto: appended to when the peer is a trusted proxy, else replaced.
     fn add_forwarded(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
         let Some(peer) = session
@@ -198,7 +196,8 @@ impl FleetProxy {
 
 /// The size of a request head as sent, near enough: request line and header lines.
 fn head_size(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
     req.headers
         .iter()
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
@@ -374,19 +373,17 @@ impl ProxyHttp for FleetProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
-        // A WebSocket ends with a reset from either side as a matter of course.
-        if !ctx.websocket {
-            // A dead worker fails every request on it: one line per kind, not per request.
-            let class = format!(
-                "{} error {}",
-                error.esource().as_str().to_lowercase(),
-                error.etype().as_str()
-            );
-            self.rejections.note(
-                &class,
-                &format_args!("worker={} transport={}: {error}", ctx.label, ctx.transport),
-            );
-        }
+        // A dead worker fails every request on it: one line per kind, not per request.
+        // (WebSockets never get here: `ws_tunnel` carries them outside pingora's proxy loop.)
+        let class = format!(
+            "{} error {}",
+            error.esource().as_str().to_lowercase(),
+            error.etype().as_str()
+        );
+        self.rejections.note(
+            &class,
+            &format_args!("worker={} transport={}: {error}", ctx.label, ctx.transport),
+        );
         true
     }
 
@@ -402,9 +399,7 @@ impl ProxyHttp for FleetProxy {
                 .duration
                 .observe(ctx.started.elapsed().as_secs_f64());
         }
-        // A WebSocket ends with a reset from either side as a matter of course: not an error.
         if let Some(e) = e
-            && !ctx.websocket
             && matches!(e.esource(), pingora_core::ErrorSource::Upstream)
         {
             METRICS

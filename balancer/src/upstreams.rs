@@ -94,6 +94,11 @@ impl Upstreams {
             .unwrap_or_else(|| addr.to_string())
     }
 
+    /// The labels of the workers named by index (`w0`, `w1`, …); none for discovered ones.
+    pub fn named_labels(&self) -> impl Iterator<Item = &str> {
+        self.labels.values().map(String::as_str)
+    }
+
     /// A worker's sticky tag: from its address, which every balancer sees alike.
     pub fn tag_of(&self, addr: &SocketAddr) -> Tag {
         Tag::derive(&self.secret, &addr.to_string())

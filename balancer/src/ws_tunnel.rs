@@ -136,11 +136,19 @@ async fn copy(
     idle: Duration,
 ) {
     let mut buf = vec![0u8; COPY_BUF];
+    // One timer for the tunnel's life, pushed back after each read: a new timer per message
+    // would register and cancel a timer-wheel entry on every broadcast.
+    let silence = tokio::time::sleep(idle);
+    tokio::pin!(silence);
     loop {
-        let n = match timeout(idle, from.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return,
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            },
+            _ = &mut silence => return,
         };
+        silence.as_mut().reset(tokio::time::Instant::now() + idle);
         if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
             return;
         }
@@ -151,8 +159,8 @@ async fn copy(
 async fn relay_refusal(
     session: &mut Session,
     upstream: &mut TcpStream,
-    head: ResponseHeader,
-    mut body: Bytes,
+    mut head: ResponseHeader,
+    already_read: Bytes,
 ) -> Result<()> {
     let length = head
         .headers
@@ -161,7 +169,7 @@ async fn relay_refusal(
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(0)
         .min(MAX_REFUSAL_BODY);
-    let mut buf = BytesMut::from(&body[..]);
+    let mut buf = BytesMut::from(&already_read[..]);
     while buf.len() < length {
         match upstream.read_buf(&mut buf).await {
             Ok(n) if n > 0 => {}
@@ -169,8 +177,7 @@ async fn relay_refusal(
         }
     }
     buf.truncate(length);
-    body = buf.freeze();
-    let mut head = head;
+    let body = buf.freeze();
     head.insert_header("Content-Length", body.len().to_string())?;
     head.remove_header("Transfer-Encoding");
     session.set_keepalive(None);

@@ -64,7 +64,7 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
     let target = &shared.targets[index % shared.targets.len()];
     let mut phase = shared.phase.clone();
 
-    let mut conn = loop {
+    let conn = loop {
         match connect(&shared, target, source, &room).await {
             Ok((conn, worker)) => {
                 if *phase.borrow() == Phase::Connect {
@@ -86,7 +86,7 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
             }
         }
     };
-    let Some(mut c) = conn.take() else {
+    let Some(mut c) = conn else {
         shared.stats.failed.fetch_add(1, Relaxed);
         return;
     };

@@ -98,24 +98,24 @@ pub async fn run_share(
         )
         .await;
 
-    let publish_started = Instant::now();
-    let _ = phase_tx.send(Phase::Publish);
-    wait(
-        Duration::from_secs_f64(scenario.duration_secs),
-        &shared.stats,
-        &mut ticker,
-        control,
-    )
-    .await;
-    let publish_secs = publish_started.elapsed().as_secs_f64();
-    let _ = phase_tx.send(Phase::Settle);
-    wait(
-        Duration::from_secs_f64(scenario.settle_secs),
-        &shared.stats,
-        &mut ticker,
-        control,
-    )
-    .await;
+    let mut publish_secs = 0.0;
+    for (phase, secs) in [
+        (Phase::Publish, scenario.duration_secs),
+        (Phase::Settle, scenario.settle_secs),
+    ] {
+        let started = Instant::now();
+        let _ = phase_tx.send(phase);
+        wait(
+            Duration::from_secs_f64(secs),
+            &shared.stats,
+            &mut ticker,
+            control,
+        )
+        .await;
+        if phase == Phase::Publish {
+            publish_secs = started.elapsed().as_secs_f64();
+        }
+    }
     let _ = phase_tx.send(Phase::Stop);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}

@@ -108,21 +108,22 @@ impl Stats {
 
     /// Delivery latency percentile so far, in microseconds.
     pub fn delivery_quantile(&self, q: f64) -> u64 {
+        self.deliveries().value_at_quantile(q)
+    }
+
+    /// Every shard's delivery latencies in one histogram.
+    fn deliveries(&self) -> Histogram<u64> {
         let mut all = new_histogram();
         for shard in &self.delivery {
             let h = shard.lock().unwrap_or_else(|p| p.into_inner());
             all.add(&*h).expect("same bounds");
         }
-        all.value_at_quantile(q)
+        all
     }
 
     /// Everything counted, for the report.
     pub fn snapshot(&self, clients: usize) -> Snapshot {
-        let mut delivery = new_histogram();
-        for shard in &self.delivery {
-            let h = shard.lock().unwrap_or_else(|p| p.into_inner());
-            delivery.add(&*h).expect("same bounds");
-        }
+        let delivery = self.deliveries();
         let connect = self.connect.lock().unwrap_or_else(|p| p.into_inner());
         Snapshot {
             clients: clients as u64,
