@@ -26,14 +26,49 @@ def websockets_active(b):
     return sum(v for k, v in m.items() if k.startswith("fleet_balancer_websockets_active"))
 
 
-@pytest.mark.parametrize("transports", [["polling"], ["websocket"], ["polling", "websocket"]])
-def test_200_clients_per_transport_sticky_and_spread(closer, tmp_path, redis, transports):
-    b = start(closer, tmp_path, redis)
+def balancer_sockets(b):
+    """Sockets the balancer process holds open."""
+    fd_dir = f"/proc/{b.proc.pid}/fd"
+    count = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            count += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+# Default: WebSockets are handed to the spawned workers (the client's socket itself, so the
+# balancer holds nothing per WebSocket); `handoff: false` relays them through the balancer.
+@pytest.mark.parametrize("transports,handoff", [
+    (["polling"], True),
+    (["websocket"], True),
+    (["polling", "websocket"], True),
+    (["websocket"], False),
+    (["polling", "websocket"], False),
+], ids=["polling", "websocket-handoff", "upgrade-handoff", "websocket-relay", "upgrade-relay"])
+def test_200_clients_per_transport_sticky_and_spread(closer, tmp_path, redis, transports, handoff):
+    b = start(closer, tmp_path, redis, extra="" if handoff else "  handoff: false\n")
+    sockets_before = balancer_sockets(b)
     clients = [closer.add(Client(b.url, transports)).connect() for _ in range(200)]
     workers = collections.Counter(c.call("whoami")["worker"] for c in clients)
     if "websocket" in transports:
         assert all(c.transport() == "websocket" for c in clients)
-        wait_until(lambda: websockets_active(b) == 200, 5, what="200 tunnels counted")
+        wait_until(lambda: websockets_active(b) == 200, 5, what="200 WebSockets counted")
+        m = b.metrics()
+        if handoff:
+            assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="passed") == 200
+            assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="relayed") == 0
+        else:
+            assert not any(k.startswith("fleet_balancer_websocket_handoffs_total") for k in m)
+        if transports == ["websocket"]:
+            held = balancer_sockets(b) - sockets_before
+            # Relayed: a client socket and a worker socket each (the balancer's own health
+            # and load-poll connections come and go around that). Handed off: none.
+            assert (held < 20) if handoff else (held >= 380), (handoff, held)
+        # Per worker, the gauge says what the clients themselves report.
+        for w, n in workers.items():
+            assert metric(m, "fleet_balancer_websockets_active", worker=w) == n, (w, n)
     assert set(workers) == {"w0", "w1", "w2"}, (transports, workers)
     mean = 200 / 3
     assert max(workers.values()) <= 1.5 * mean, (transports, workers)
@@ -42,7 +77,7 @@ def test_200_clients_per_transport_sticky_and_spread(closer, tmp_path, redis, tr
         assert c.call("echo", "x") == "x"
     for c in clients:
         c.close()
-    wait_until(lambda: websockets_active(b) == 0, 5, what="tunnels closed and uncounted")
+    wait_until(lambda: websockets_active(b) == 0, 5, what="WebSockets closed and uncounted")
     m = b.metrics()
     assert sum(v for k, v in m.items() if k.startswith("fleet_balancer_sticky_rejects_total")) == 0
     assert metric(m, "fleet_balancer_sessions_placed_total") >= 200
@@ -114,6 +149,35 @@ def test_kill_9_worker_clients_move_and_it_comes_back(closer, tmp_path, redis):
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 1, 10, what="w1 back")
     fresh = [closer.add(Client(b.url, ["polling"])).connect() for _ in range(30)]
     assert "w1" in {c.call("whoami")["worker"] for c in fresh}
+
+
+def test_kill_9_worker_holding_handed_off_websockets(closer, tmp_path, redis):
+    """A worker dies with WebSockets the balancer handed it: its clients reconnect elsewhere or
+    to its restart, the others never notice, and the gauge drops the dead worker's sockets."""
+    b = start(closer, tmp_path, redis)
+    clients = [closer.add(Client(b.url, ["websocket"], reconnection=True)).connect() for _ in range(30)]
+    where = {c: c.call("whoami")["worker"] for c in clients}
+    victims = [c for c in clients if where[c] == "w1"]
+    others = [c for c in clients if where[c] != "w1"]
+    assert victims and others
+    wait_until(lambda: websockets_active(b) == 30, 5, what="30 WebSockets counted")
+    os.kill(_worker_pid(b, "w1"), signal.SIGKILL)
+    def moved():
+        return all(c.connects >= 2 and c.call("whoami", timeout=2)["worker"] for c in victims)
+    wait_until(moved, 10, interval=0.1, what="w1's clients reconnected")
+    for c in others:
+        assert c.connects == 1 and c.disconnect_reasons == [], c.disconnect_reasons
+        assert c.call("echo", 1) == 1
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 1, 10, what="w1 back")
+    fresh = [closer.add(Client(b.url, ["websocket"])).connect() for _ in range(30)]
+    everyone = clients + fresh
+    now = collections.Counter(c.call("whoami")["worker"] for c in everyone)
+    assert now["w1"] > 0, now
+    # The gauge forgot the dead worker's sockets and counts the restarted one's.
+    def gauge_true():
+        m = b.metrics()
+        return all(metric(m, "fleet_balancer_websockets_active", worker=w) == now[w] for w in ("w0", "w1", "w2"))
+    wait_until(gauge_true, 5, what=f"websockets_active per worker == {dict(now)}")
 
 
 def _worker_pid(b, wid):

@@ -5,7 +5,9 @@
 //! - [`serve`] (here): builds the pingora server from a fleet file, one service per part.
 //! - [`front`]: the public listener's connection loop (head timeout).
 //! - [`proxy`]: the `ProxyHttp` hooks: route by sid tag or place, tag handshakes, count;
-//!   [`ws_tunnel`]: WebSocket upgrades; [`rejections`]: refusals, logged once per class.
+//!   [`handoff`]: WebSockets passed to supervised workers; [`ws_tunnel`]: WebSockets relayed
+//!   (other workers); [`raw_http`]: what both take from pingora's session;
+//!   [`rejections`]: refusals, logged once per class.
 //! - [`sticky`]: pure codecs: tags, the open packet rewrite, the query string.
 //! - [`upstreams`]: workers, their tags and loads, and placement policies.
 //! - [`discovery`]: which workers exist; [`health`]: `/readyz` checks;
@@ -16,10 +18,12 @@
 pub mod admin;
 pub mod discovery;
 pub mod front;
+pub mod handoff;
 pub mod health;
 pub mod load_poll;
 pub mod metrics;
 pub mod proxy;
+pub mod raw_http;
 pub mod rejections;
 pub mod sticky;
 pub mod supervisor;
@@ -64,14 +68,17 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     lb.parallel_health_check = true;
     let lb_service = background_service("worker health", lb);
     let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
-    metrics::METRICS.init_series(upstreams.named_labels(), cfg.spawns_workers());
+    let handoff = cfg.spawns_workers() && cfg.workers.handoff;
+    metrics::METRICS.init_series(upstreams.named_labels(), cfg.spawns_workers(), handoff);
+    // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
+    let handoffs = Arc::new(handoff::Handoffs::default());
 
     let mut proxy = Service::new(
         "proxy".to_owned(),
         front::Front::new(
             pingora_proxy::http_proxy(
                 &server.configuration,
-                proxy::FleetProxy::new(Arc::clone(&upstreams), cfg),
+                proxy::FleetProxy::new(Arc::clone(&upstreams), Arc::clone(&handoffs), cfg),
             ),
             cfg.balancer.header_timeout_secs,
         ),
@@ -104,7 +111,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     if cfg.spawns_workers() {
         server.add_service(background_service(
             "workers",
-            supervisor::Supervisor::new(cfg, config_path),
+            supervisor::Supervisor::new(cfg, config_path, handoff.then_some(handoffs)),
         ));
     }
     server.add_service(lb_service);

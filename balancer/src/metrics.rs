@@ -13,6 +13,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Open WebSockets, by worker.
     pub websockets: IntGaugeVec,
+    /// WebSocket connections handed to a supervised worker (`passed`), or relayed because
+    /// the handoff failed (`relayed`).
+    pub handoffs: IntCounterVec,
     /// New sessions placed, by worker.
     pub placed: IntCounterVec,
     /// Requests refused by stickiness, by reason.
@@ -32,7 +35,17 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the series whose labels are known up front at 0, so dashboards and alerts see
     /// "none yet" rather than "no data".
-    pub fn init_series<'a>(&self, worker_labels: impl Iterator<Item = &'a str>, supervised: bool) {
+    pub fn init_series<'a>(
+        &self,
+        worker_labels: impl Iterator<Item = &'a str>,
+        supervised: bool,
+        handoff: bool,
+    ) {
+        if handoff {
+            for outcome in ["passed", "relayed"] {
+                self.handoffs.with_label_values(&[outcome]);
+            }
+        }
         for reason in ["malformed", "unknown_worker", "worker_down"] {
             self.sticky_rejects.with_label_values(&[reason]);
         }
@@ -65,6 +78,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["worker", "transport"],
         ),
         websockets: g("fleet_balancer_websockets_active", "Open WebSockets"),
+        handoffs: c(
+            "fleet_balancer_websocket_handoffs_total",
+            "WebSockets passed to a supervised worker, or relayed when that failed",
+            &["outcome"],
+        ),
         placed: c(
             "fleet_balancer_sessions_placed_total",
             "New sessions placed",

@@ -16,7 +16,9 @@ use shared::FleetConfig;
 use shared::eio_query as query;
 
 use crate::front;
+use crate::handoff::Handoffs;
 use crate::metrics::METRICS;
+use crate::raw_http;
 use crate::rejections::{Class, RejectLog};
 use crate::sticky::{Tag, TaggedSid, open_packet};
 use crate::upstreams::Upstreams;
@@ -37,6 +39,7 @@ pub struct Ctx {
 /// The front proxy.
 pub struct FleetProxy {
     upstreams: Arc<Upstreams>,
+    handoffs: Arc<Handoffs>,
     path: String,
     trusted: Vec<IpNet>,
     upstream_read_timeout: Duration,
@@ -46,8 +49,9 @@ pub struct FleetProxy {
 }
 
 impl FleetProxy {
-    /// A proxy for a fleet file's workers.
-    pub fn new(upstreams: Arc<Upstreams>, cfg: &FleetConfig) -> Self {
+    /// A proxy for a fleet file's workers; WebSockets to workers with a channel in
+    /// `handoffs` are passed to them rather than relayed.
+    pub fn new(upstreams: Arc<Upstreams>, handoffs: Arc<Handoffs>, cfg: &FleetConfig) -> Self {
         let trusted = cfg
             .balancer
             .trusted_proxies
@@ -59,6 +63,7 @@ impl FleetProxy {
             Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);
         FleetProxy {
             upstreams,
+            handoffs,
             path: cfg.socketio.path.trim_end_matches('/').to_owned(),
             trusted,
             // A long-poll is held up to a ping interval; allow a full heartbeat plus slack.
@@ -164,8 +169,10 @@ impl FleetProxy {
         Ok(())
     }
 
-    /// A WebSocket upgrade: tunnelled here, not by pingora's proxy loop (see `ws_tunnel`).
-    async fn tunnel(
+    /// A WebSocket upgrade, never through pingora's proxy loop: the client's connection is
+    /// passed to the worker when it is one this balancer runs (`handoff`), else tunnelled here
+    /// (`ws_tunnel`).
+    async fn upgrade(
         &self,
         session: &mut Session,
         worker: SocketAddr,
@@ -173,6 +180,25 @@ impl FleetProxy {
     ) -> Result<bool> {
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req)?;
+        let label = ctx.label.as_str();
+        if let Some(channel) = self.handoffs.get(&worker) {
+            let head = raw_http::serialize(&req);
+            match channel.pass(session, &head, CONNECT_TIMEOUT).await {
+                Ok(()) => {
+                    METRICS.handoffs.with_label_values(&["passed"]).inc();
+                    ctx.websocket = true;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    // E.g. the worker died a moment ago: its restart gets a new channel.
+                    METRICS.handoffs.with_label_values(&["relayed"]).inc();
+                    self.rejections.note(
+                        "handoff_failed",
+                        &format_args!("worker={label}: {e}; relaying the WebSocket instead"),
+                    );
+                }
+            }
+        }
         let limits = ws_tunnel::Limits {
             connect: CONNECT_TIMEOUT,
             handshake: self.upstream_read_timeout,
@@ -304,7 +330,7 @@ impl ProxyHttp for FleetProxy {
         ctx.label = self.upstreams.label(&worker);
         ctx.worker = Some(worker);
         if session.is_upgrade_req() {
-            return self.tunnel(session, worker, ctx).await;
+            return self.upgrade(session, worker, ctx).await;
         }
         Ok(false)
     }
@@ -393,7 +419,8 @@ impl ProxyHttp for FleetProxy {
             .requests
             .with_label_values(&[ctx.label.as_str(), ctx.transport])
             .inc();
-        // A tunnel counts itself in the websockets gauge while it lasts (see `ws_tunnel`).
+        // A WebSocket counts itself in the websockets gauge while it lasts (`ws_tunnel`,
+        // `handoff`).
         if !ctx.websocket {
             METRICS
                 .duration

@@ -1,9 +1,13 @@
 //! The worker supervisor (Node's `cluster.fork`, supervised): runs `workers.count` worker
 //! processes, prefixes their log lines with the worker id, restarts a crashed one with capped
-//! backoff, and on shutdown lets every worker drain, then ends them.
+//! backoff, and on shutdown lets every worker drain, then ends them. Each worker process gets
+//! its own handoff channel (see `handoff`), opened as it starts and closed as it ends.
 
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,6 +17,7 @@ use shared::{Backoff, FleetConfig, Shutdown};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::handoff::Handoffs;
 use crate::metrics::METRICS;
 
 /// A worker that ran this long before dying is restarted without waiting.
@@ -28,12 +33,17 @@ pub struct Supervisor {
     pub count: u32,
     /// How long a worker may take to drain before it is killed.
     pub drain_limit: Duration,
+    /// Where the handoff channels go, when WebSockets are handed to workers.
+    pub handoffs: Option<Arc<Handoffs>>,
+    /// Each worker's address, by index (what the proxy routes to).
+    addrs: Vec<Option<SocketAddr>>,
 }
 
 impl Supervisor {
     /// The supervisor for a fleet file, running the configured command or the `worker`
-    /// binary next to this executable.
-    pub fn new(cfg: &FleetConfig, config_path: PathBuf) -> Self {
+    /// binary next to this executable, and opening a handoff channel per worker process in
+    /// `handoffs` when given.
+    pub fn new(cfg: &FleetConfig, config_path: PathBuf, handoffs: Option<Arc<Handoffs>>) -> Self {
         let command = cfg.workers.command.clone().unwrap_or_else(|| {
             let exe = std::env::current_exe().ok();
             let dir = exe
@@ -48,10 +58,15 @@ impl Supervisor {
             command,
             count: cfg.workers.count,
             drain_limit: cfg.workers.drain_window() + Duration::from_secs(3),
+            handoffs,
+            addrs: (0..cfg.workers.count)
+                .map(|i| cfg.worker_addr(i).parse().ok())
+                .collect(),
         }
     }
 
     fn spawn(&self, index: u32) -> std::io::Result<Child> {
+        let id = FleetConfig::worker_id(index);
         let mut cmd = Command::new(&self.command[0]);
         cmd.args(&self.command[1..])
             .arg("--config")
@@ -63,16 +78,34 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child if
-        // the balancer dies without cleaning up (kill -9), so no worker outlives it.
+        // The worker's end of its handoff channel, inherited under the number in the env.
+        let channel = match (&self.handoffs, self.addrs[index as usize]) {
+            (Some(handoffs), Some(addr)) => {
+                let gauge = METRICS.websockets.with_label_values(&[id.as_str()]);
+                Some(handoffs.open(addr, gauge)?)
+            }
+            _ => None,
+        };
+        let inherit = channel.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+        if inherit >= 0 {
+            cmd.env(shared::handoff::FD_ENV, inherit.to_string());
+        }
+        // SAFETY: prctl and fcntl are async-signal-safe. prctl asks the kernel to SIGTERM the
+        // child if the balancer dies without cleaning up (kill -9), so no worker outlives it;
+        // fcntl clears close-on-exec on the child's copy of its channel end only.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if inherit >= 0 && libc::fcntl(inherit, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
-        let id = FleetConfig::worker_id(index);
+        let spawned = cmd.spawn();
+        // The child has its copy (or failed to start); ours would keep the channel half-open.
+        drop(channel);
+        let mut child = spawned?;
         if let Some(out) = child.stdout.take() {
             tokio::spawn(prefix_lines(id.clone(), out));
         }
@@ -101,8 +134,9 @@ impl Supervisor {
             tracing::info!(worker = %id, pid = child.id(), "worker started");
             let status = tokio::select! {
                 s = child.wait() => s,
-                _ = shutdown.recv() => return self.stop(&id, child).await,
+                _ = shutdown.recv() => return self.stop(index, child).await,
             };
+            self.exited(index);
             METRICS.restarts.with_label_values(&[id.as_str()]).inc();
             if started.elapsed() > HEALTHY_RUN {
                 backoff.reset();
@@ -116,8 +150,16 @@ impl Supervisor {
         }
     }
 
+    /// Worker `index` is gone, and every connection handed to it with it.
+    fn exited(&self, index: u32) {
+        if let (Some(handoffs), Some(addr)) = (&self.handoffs, self.addrs[index as usize]) {
+            handoffs.close(addr);
+        }
+    }
+
     /// SIGTERM (the worker drains), then SIGKILL if it outlives its drain window.
-    async fn stop(&self, id: &str, mut child: Child) {
+    async fn stop(&self, index: u32, mut child: Child) {
+        let id = FleetConfig::worker_id(index);
         if let Some(pid) = child.id() {
             // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -129,6 +171,7 @@ impl Supervisor {
                 let _ = child.kill().await;
             }
         }
+        self.exited(index);
     }
 }
 

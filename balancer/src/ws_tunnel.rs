@@ -1,4 +1,6 @@
-//! WebSocket upgrades, tunnelled by the balancer itself rather than by pingora's proxy loop.
+//! WebSocket upgrades to workers this balancer does not run (attached, listed, discovered; or
+//! when a handoff fails), tunnelled by the balancer itself rather than by pingora's proxy loop.
+//! (Spawned workers are handed the client's connection instead: see `handoff`.)
 //!
 //! Why: pingora 0.9.1 tears an upgraded connection down right after the 101 whenever the
 //! worker answers before the proxy has consumed the upgrade request's empty body
@@ -10,13 +12,11 @@
 //! either side closes. (RFC 6455 §4.1: a client sends nothing after its handshake until the
 //! 101, so no client bytes are left behind in pingora's buffers.)
 
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::Stream;
-use pingora_core::protocols::http::ServerSession;
 use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_prometheus::prometheus::IntGauge;
@@ -24,6 +24,8 @@ use pingora_proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+
+use crate::raw_http;
 
 /// The largest response head a worker may send.
 const MAX_HEAD: usize = 16 * 1024;
@@ -69,7 +71,7 @@ pub async fn run(
         .or_err(ErrorType::ConnectRefused, "connecting to worker")?;
     upstream.set_nodelay(true).ok();
     upstream
-        .write_all(&serialize(req))
+        .write_all(&raw_http::serialize(req))
         .await
         .or_err(ErrorType::WriteError, "sending upgrade request to worker")?;
 
@@ -86,7 +88,7 @@ pub async fn run(
         return Ok(Outcome::Refused);
     }
 
-    let Some(mut client) = take_client(session) else {
+    let Some(mut client) = raw_http::take_client(session) else {
         return Error::e_explain(ErrorType::InternalError, "upgrade on a non-HTTP/1 session");
     };
     open.inc();
@@ -102,18 +104,6 @@ pub async fn run(
         open.dec();
     });
     Ok(Outcome::Tunnelled)
-}
-
-/// Takes the client's connection out of pingora's session, leaving an inert one behind.
-fn take_client(session: &mut Session) -> Option<Stream> {
-    let inert = ServerSession::new_http1(Box::new(Cursor::new(Vec::<u8>::new())));
-    match std::mem::replace(&mut *session.downstream_session, inert) {
-        ServerSession::H1(h1) => Some(h1.into_inner()),
-        other => {
-            *session.downstream_session = other;
-            None
-        }
-    }
 }
 
 /// Copies both ways until either side closes, fails, or stays silent for `idle`. A WebSocket
@@ -184,24 +174,6 @@ async fn relay_refusal(
     session.write_response_header(Box::new(head), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
-}
-
-/// The request as HTTP/1.1 bytes.
-fn serialize(req: &RequestHeader) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    let target = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    out.extend_from_slice(req.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers.iter() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Reads a response head; returns it parsed and raw, and any bytes that followed it.
@@ -279,20 +251,5 @@ mod tests {
     #[test]
     fn junk_is_an_error_not_a_panic() {
         assert!(parse_head(b"\x00\x01garbage\r\n\r\n").is_err());
-    }
-
-    #[test]
-    fn serializes_the_rewritten_target_and_headers() {
-        let mut req = RequestHeader::build(
-            "GET",
-            b"/socket.io/?EIO=4&transport=websocket&sid=abc",
-            None,
-        )
-        .unwrap();
-        req.insert_header("Upgrade", "websocket").unwrap();
-        let text = String::from_utf8(serialize(&req)).unwrap();
-        assert!(text.starts_with("GET /socket.io/?EIO=4&transport=websocket&sid=abc HTTP/1.1\r\n"));
-        assert!(text.to_ascii_lowercase().contains("upgrade: websocket\r\n"));
-        assert!(text.ends_with("\r\n\r\n"));
     }
 }

@@ -143,6 +143,12 @@ pub struct WorkersConfig {
     /// workers already running at `host:base_port+i`.
     #[serde(default = "defaults::spawn")]
     pub spawn: bool,
+    /// Whether the balancer passes each WebSocket connection to the spawned worker that owns
+    /// it (the client's socket itself, as Node's `@socket.io/sticky` does) instead of relaying
+    /// its bytes. Default true. Only for spawned workers: attached, listed and discovered ones
+    /// are always relayed.
+    #[serde(default = "defaults::handoff")]
+    pub handoff: bool,
     /// The command the balancer runs per worker, before `--config FILE --index I`.
     /// Default: the `worker` binary next to the balancer's own executable.
     #[serde(default)]
@@ -233,6 +239,9 @@ mod defaults {
         100_000
     }
     pub fn spawn() -> bool {
+        true
+    }
+    pub fn handoff() -> bool {
         true
     }
     pub fn load_factor() -> f64 {

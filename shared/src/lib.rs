@@ -7,11 +7,13 @@
 //! - [`shutdown`]: a cloneable "stop now" signal over a `watch` channel.
 //! - [`eio_query`]: the Engine.IO query parameters (`sid`, `transport`), parsed and rewritten.
 //! - [`protocol`]: the default app's event names and limits.
+//! - [`handoff`]: passing a client's connection from the balancer to a worker (SCM_RIGHTS).
 #![warn(missing_docs)]
 
 pub mod backoff;
 pub mod config;
 pub mod eio_query;
+pub mod handoff;
 pub mod metrics;
 pub mod protocol;
 pub mod shutdown;

@@ -7,7 +7,8 @@
 //! - [`drivers`]: the reconnecting Redis pub/sub driver (`RedisLink`).
 //! - [`fleet`]: the [`App`] trait and the [`Fleet`] handle apps receive.
 //! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
-//! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut.
+//! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
+//!   [`handoff`]: connections the supervising balancer passes over.
 //! - [`http`]: routing of the single port; [`drain`]: moving clients away on SIGTERM.
 //! - [`health`]: readiness; [`metrics`]: the registry; [`probes`]: lag and memory probes.
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@ pub mod conn;
 pub mod drain;
 pub mod drivers;
 pub mod fleet;
+pub mod handoff;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -33,7 +35,7 @@ use socketioxide::adapter::Emitter;
 use socketioxide::extract::SocketRef;
 use socketioxide::handler::ConnectHandler;
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixDatagram};
 
 pub use app::RoomsApp;
 pub use drain::DrainReport;
@@ -55,6 +57,21 @@ pub enum StartError {
     Namespace(String),
 }
 
+/// Where a worker's connections come from: its port, and the channel from a supervising
+/// balancer that hands it WebSocket connections (see `shared::handoff`).
+pub struct Listener {
+    /// The worker's port.
+    pub tcp: TcpListener,
+    /// The balancer's handoff channel, when it passed one.
+    pub handoff: Option<UnixDatagram>,
+}
+
+impl From<TcpListener> for Listener {
+    fn from(tcp: TcpListener) -> Self {
+        Listener { tcp, handoff: None }
+    }
+}
+
 /// Serve a worker on `listener` until `stop` resolves, then drain and return.
 ///
 /// Redis may be down at start: the worker serves at once, reports not-ready on `/readyz`, and
@@ -63,7 +80,7 @@ pub enum StartError {
 /// # Errors
 /// The settings are unusable; nothing was served.
 pub async fn run(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     settings: WorkerSettings,
     app: impl App,
     stop: impl Future<Output = ()>,
@@ -139,8 +156,10 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let listener = listener.into();
     tokio::spawn(server::serve(
-        listener,
+        listener.tcp,
+        listener.handoff.map(handoff::HandoffChannel::new),
         ctx,
         settings.max_connections,
         shutdown,

@@ -94,7 +94,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(id = %settings.id, listen = %settings.listen, redis = %settings.redis.url, "starting");
+    let handoff = match shared::handoff::inherited() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("worker: the balancer's handoff channel: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(id = %settings.id, listen = %settings.listen, redis = %settings.redis.url, handoff = handoff.is_some(), "starting");
+    let listener = worker::Listener {
+        tcp: listener,
+        handoff,
+    };
     match worker::run(listener, settings, RoomsApp, stop_signal()).await {
         Ok(report) => {
             tracing::info!(

@@ -1,6 +1,7 @@
 //! The accept loop: a connection permit is taken before `accept()` (overload means not
-//! accepting, not failing), each connection is wrapped so a drain can cut it, and served by
-//! hyper with upgrades for WebSockets.
+//! accepting, not failing), each connection — accepted on the port or handed over by the
+//! balancer — is wrapped so a drain can cut it, and served by hyper with upgrades for
+//! WebSockets.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,17 +10,21 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use shared::{Backoff, Shutdown};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::handoff::{HandedOff, HandoffChannel};
 use crate::http::{HttpCtx, handle};
 
 /// Headers must arrive within this time, or the connection is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve connections on `listener` until shutdown, at most `max_connections` at once.
+/// Serve connections on `listener`, and those `handoff` brings from the balancer, until
+/// shutdown, at most `max_connections` at once.
 pub async fn serve(
     listener: TcpListener,
+    mut handoff: Option<HandoffChannel>,
     ctx: Arc<HttpCtx>,
     max_connections: usize,
     mut shutdown: Shutdown,
@@ -31,37 +36,56 @@ pub async fn serve(
             p = Arc::clone(&limit).acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.recv() => return,
         };
-        let stream = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.recv() => return,
-        };
-        let stream = match stream {
-            Ok((stream, _peer)) => {
-                backoff.reset();
-                stream
-            }
-            Err(e) => {
-                // EMFILE and friends: pause instead of spinning; one line per failure streak.
-                if backoff.failures() == 0 {
-                    tracing::error!("accept failed: {e}; backing off");
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    backoff.reset();
+                    let _ = stream.set_nodelay(true);
+                    serve_one(&ctx, stream, permit);
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (conn_id, io) = ctx.registry.wrap(stream, Some(permit));
-        let ctx = Arc::clone(&ctx);
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(Arc::clone(&ctx), conn_id, req));
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(io), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended with error: {e}");
-            }
-        });
+                Err(e) => {
+                    // EMFILE and friends: pause instead of spinning; one line per failure streak.
+                    if backoff.failures() == 0 {
+                        tracing::error!("accept failed: {e}; backing off");
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            },
+            handed = next_handed(&mut handoff) => match handed {
+                Ok(conn) => serve_one(&ctx, conn, permit),
+                Err(e) => {
+                    tracing::error!("the balancer's handoff channel failed ({e}); serving the port only");
+                    handoff = None;
+                }
+            },
+            _ = shutdown.recv() => return,
+        }
     }
+}
+
+async fn next_handed(handoff: &mut Option<HandoffChannel>) -> std::io::Result<HandedOff> {
+    match handoff {
+        Some(channel) => channel.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one connection in a task of its own, wrapped so a drain can cut it.
+fn serve_one<T>(ctx: &Arc<HttpCtx>, stream: T, permit: OwnedSemaphorePermit)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn_id, io) = ctx.registry.wrap(stream, Some(permit));
+    let ctx = Arc::clone(ctx);
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| handle(Arc::clone(&ctx), conn_id, req));
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!("connection ended with error: {e}");
+        }
+    });
 }

@@ -1,0 +1,150 @@
+//! WebSocket connections passed to the workers this balancer supervises (see
+//! `shared::handoff`), so that a WebSocket's traffic never crosses the balancer: after its
+//! upgrade request is routed, the client's socket itself goes to the worker, with the request
+//! head, and the balancer closes its own copy. This is what makes the balancer's CPU and
+//! memory independent of how many messages its WebSockets carry, as with Node's
+//! `@socket.io/sticky` primary.
+//!
+//! One channel per worker process: the supervisor opens it when it starts the worker and
+//! closes it when the worker exits, since every connection the worker held died with it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use pingora_prometheus::prometheus::IntGauge;
+use pingora_proxy::Session;
+use shared::handoff;
+use tokio::net::UnixDatagram;
+use tokio::task::AbortHandle;
+
+use crate::raw_http;
+
+/// Every live channel, by worker address.
+#[derive(Default)]
+pub struct Handoffs {
+    channels: RwLock<HashMap<SocketAddr, Arc<Channel>>>,
+}
+
+impl Handoffs {
+    /// A fresh channel to the worker at `addr` (replacing any earlier one), whose open
+    /// connections `open` counts. Returns the worker's end, for the child process to inherit.
+    ///
+    /// # Errors
+    /// No descriptors left.
+    pub fn open(&self, addr: SocketAddr, open: IntGauge) -> io::Result<OwnedFd> {
+        let (sock, theirs) = handoff::pair()?;
+        let channel = Arc::new(Channel {
+            sock,
+            count: Mutex::new(Count {
+                open: 0,
+                dead: false,
+            }),
+            gauge: open,
+            reader: Mutex::new(None),
+        });
+        let reader = tokio::spawn(count_closed(Arc::clone(&channel)));
+        *channel.reader.lock().unwrap() = Some(reader.abort_handle());
+        let old = self.channels.write().unwrap().insert(addr, channel);
+        if let Some(old) = old {
+            old.kill();
+        }
+        Ok(theirs)
+    }
+
+    /// The worker at `addr` exited: its connections are gone, and so is its channel.
+    pub fn close(&self, addr: SocketAddr) {
+        if let Some(channel) = self.channels.write().unwrap().remove(&addr) {
+            channel.kill();
+        }
+    }
+
+    /// The channel to the worker at `addr`, if it is one this balancer runs.
+    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<Channel>> {
+        self.channels.read().unwrap().get(addr).cloned()
+    }
+}
+
+/// The channel to one worker process.
+pub struct Channel {
+    sock: UnixDatagram,
+    count: Mutex<Count>,
+    gauge: IntGauge,
+    reader: Mutex<Option<AbortHandle>>,
+}
+
+/// Connections passed and not yet reported closed. Once the worker is gone the count is
+/// settled, and late reports (a pass that failed as the worker died) must not move the gauge.
+struct Count {
+    open: i64,
+    dead: bool,
+}
+
+impl Channel {
+    /// Passes the client connection of `session`, with `head` (the request as the worker is to
+    /// read it), to the worker. On success the session no longer holds the connection and the
+    /// caller answers nothing; on failure nothing was passed and the session is as it was.
+    ///
+    /// # Errors
+    /// The worker is gone, or did not take the connection within `limit`.
+    pub async fn pass(
+        &self,
+        session: &mut Session,
+        head: &[u8],
+        limit: Duration,
+    ) -> io::Result<()> {
+        let fd = session
+            .downstream_session
+            .stream()
+            .map(|s| s.id())
+            .ok_or_else(|| io::Error::other("not an HTTP/1 connection"))?;
+        // Counted before sending: the worker may report it closed before `send` returns.
+        self.add(1);
+        let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, head, fd)).await;
+        match sent {
+            Ok(Ok(())) => {
+                // The worker has its own descriptor now; closing ours leaves the socket open.
+                drop(raw_http::take_client(session));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.add(-1);
+                Err(e)
+            }
+            Err(_) => {
+                self.add(-1);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the worker did not take the connection",
+                ))
+            }
+        }
+    }
+
+    fn add(&self, n: i64) {
+        let mut count = self.count.lock().unwrap();
+        if !count.dead {
+            count.open += n;
+            self.gauge.add(n);
+        }
+    }
+
+    fn kill(&self) {
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.abort();
+        }
+        let mut count = self.count.lock().unwrap();
+        self.gauge.sub(count.open);
+        count.open = 0;
+        count.dead = true;
+    }
+}
+
+async fn count_closed(channel: Arc<Channel>) {
+    while let Ok(closed) = handoff::recv_closed(&channel.sock).await {
+        channel.add(-(closed.min(i64::MAX as u64) as i64));
+    }
+}

@@ -1,0 +1,203 @@
+//! Passing a client's connection from the balancer to a worker it supervises, the way Node's
+//! `@socket.io/sticky` hands a socket to a cluster worker: once a WebSocket upgrade is routed,
+//! the balancer sends the worker the client's descriptor (SCM_RIGHTS) with the request head it
+//! already read, and leaves the data path. Every broadcast then goes from the worker straight
+//! to the client, with no second TCP hop through the balancer.
+//!
+//! The channel is a Unix datagram socket pair made by the supervisor per worker process; the
+//! worker finds its end in the descriptor named by [`FD_ENV`]. Two messages, one per
+//! direction, one per datagram (so neither needs framing):
+//! - balancer → worker: the request head, exactly as it would arrive over TCP, plus one
+//!   descriptor.
+//! - worker → balancer: a count of handed-over connections that have closed since the last
+//!   note (8 bytes, little-endian), so the balancer's gauge of open WebSockets stays true.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use sendfd::{RecvWithFd, SendWithFd};
+use tokio::net::UnixDatagram;
+
+/// The environment variable naming the worker's end of the channel.
+pub const FD_ENV: &str = "FLEET_HANDOFF_FD";
+
+/// The largest message: a request head (the balancer refuses heads over its
+/// `max_header_bytes`, at most 1 MiB by pingora's parser) stays well under this.
+pub const MAX_MESSAGE: usize = 128 * 1024;
+
+/// Sends a connection: `head` and the descriptor `fd` in one datagram. Waits while the worker's
+/// queue is full. The descriptor stays open here: the caller closes its copy once this returns.
+///
+/// # Errors
+/// The worker is gone (`ECONNREFUSED`), or the head is too large to send.
+pub async fn send_conn(sock: &UnixDatagram, head: &[u8], fd: RawFd) -> io::Result<()> {
+    loop {
+        sock.writable().await?;
+        match sock.send_with_fd(head, &[fd]) {
+            Ok(n) if n == head.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "sent {n} of {} bytes",
+                    head.len()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A connection received from the balancer.
+#[derive(Debug)]
+pub struct Received {
+    /// The request head, to be read before anything from the socket.
+    pub head: Vec<u8>,
+    /// The client's socket.
+    pub fd: OwnedFd,
+}
+
+/// Receives the next connection. A datagram without exactly one descriptor (which the balancer
+/// never sends) is skipped, closing whatever came with it.
+///
+/// # Errors
+/// The channel failed; no more connections will come on it.
+pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Received> {
+    loop {
+        sock.readable().await?;
+        let mut fds = [-1 as RawFd; 2];
+        let (len, count) = match sock.recv_with_fd(buf, &mut fds) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        // SAFETY: the kernel just installed these descriptors in this process; nothing else
+        // owns them.
+        let mut owned = fds[..count]
+            .iter()
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+        match (owned.next(), owned.next()) {
+            (Some(fd), None) if len > 0 => {
+                return Ok(Received {
+                    head: buf[..len].to_vec(),
+                    fd,
+                });
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Tells the balancer that `closed` handed-over connections have ended.
+///
+/// # Errors
+/// The balancer is gone.
+pub async fn send_closed(sock: &UnixDatagram, closed: u64) -> io::Result<()> {
+    sock.send(&closed.to_le_bytes()).await.map(|_| ())
+}
+
+/// Waits for the worker's next count of closed connections.
+///
+/// # Errors
+/// The channel failed.
+pub async fn recv_closed(sock: &UnixDatagram) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    loop {
+        if sock.recv(&mut buf).await? == 8 {
+            return Ok(u64::from_le_bytes(buf));
+        }
+    }
+}
+
+/// The worker's end of the channel, if its balancer passed one.
+///
+/// # Errors
+/// [`FD_ENV`] is set but names no usable socket.
+pub fn inherited() -> io::Result<Option<UnixDatagram>> {
+    let Some(value) = std::env::var_os(FD_ENV) else {
+        return Ok(None);
+    };
+    let fd: RawFd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| io::Error::other(format!("{FD_ENV}={value:?} is not a descriptor")))?;
+    // SAFETY: the supervisor passed this descriptor for this purpose and nothing else in this
+    // process refers to it; `worker_end` fails cleanly if it is not a connected socket.
+    worker_end(unsafe { OwnedFd::from_raw_fd(fd) }).map(Some)
+}
+
+/// The worker's end of a channel, ready for tokio.
+///
+/// # Errors
+/// `fd` is not a connected socket.
+pub fn worker_end(fd: OwnedFd) -> io::Result<UnixDatagram> {
+    let sock = std::os::unix::net::UnixDatagram::from(fd);
+    sock.set_nonblocking(true)?;
+    sock.peer_addr()?;
+    UnixDatagram::from_std(sock)
+}
+
+/// A channel pair: the balancer's end, and the worker's end as a plain descriptor for the
+/// child process to inherit.
+///
+/// # Errors
+/// The system is out of descriptors.
+pub fn pair() -> io::Result<(UnixDatagram, OwnedFd)> {
+    let (ours, theirs) = std::os::unix::net::UnixDatagram::pair()?;
+    ours.set_nonblocking(true)?;
+    Ok((UnixDatagram::from_std(ours)?, OwnedFd::from(theirs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    #[tokio::test]
+    async fn a_connection_crosses_with_its_head_and_closures_come_back() {
+        let (balancer, worker) = pair().unwrap();
+        let worker = worker_end(worker).unwrap();
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_conn(&balancer, b"GET / HTTP/1.1\r\n\r\n", server.as_raw_fd())
+            .await
+            .unwrap();
+        drop(server); // the balancer's copy: the worker's still works
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let got = recv_conn(&worker, &mut buf).await.unwrap();
+        assert_eq!(got.head, b"GET / HTTP/1.1\r\n\r\n");
+        let mut passed = std::os::unix::net::UnixStream::from(got.fd);
+        passed.write_all(b"hi").unwrap();
+        let mut two = [0u8; 2];
+        client.read_exact(&mut two).unwrap();
+        assert_eq!(&two, b"hi");
+
+        send_closed(&worker, 3).await.unwrap();
+        assert_eq!(recv_closed(&balancer).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_message_without_a_descriptor_is_skipped() {
+        let (balancer, worker) = pair().unwrap();
+        let worker = worker_end(worker).unwrap();
+        balancer.send(b"no fd").await.unwrap();
+        let (_client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_conn(&balancer, b"head", server.as_raw_fd())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 64];
+        assert_eq!(recv_conn(&worker, &mut buf).await.unwrap().head, b"head");
+    }
+
+    #[tokio::test]
+    async fn sending_to_a_closed_worker_fails() {
+        let (balancer, worker) = pair().unwrap();
+        drop(worker);
+        let (_client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(
+            send_conn(&balancer, b"head", server.as_raw_fd())
+                .await
+                .is_err()
+        );
+    }
+}
