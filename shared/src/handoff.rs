@@ -52,12 +52,13 @@ pub async fn send_conn(sock: &UnixDatagram, head: &[u8], fd: RawFd) -> io::Resul
 pub struct Received {
     /// The request head, to be read before anything from the socket.
     pub head: Vec<u8>,
-    /// The client's socket.
-    pub fd: OwnedFd,
+    /// The client's socket; `None` when it did not arrive (the worker is out of descriptors:
+    /// the kernel then drops it, which closes the client's connection). The balancer counted
+    /// it all the same, so it must still be reported closed.
+    pub fd: Option<OwnedFd>,
 }
 
-/// Receives the next connection. A datagram without exactly one descriptor (which the balancer
-/// never sends) is skipped, closing whatever came with it.
+/// Receives the next connection.
 ///
 /// # Errors
 /// The channel failed; no more connections will come on it.
@@ -71,19 +72,14 @@ pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Receiv
             Err(e) => return Err(e),
         };
         // SAFETY: the kernel just installed these descriptors in this process; nothing else
-        // owns them.
+        // owns them. Any beyond the first (the balancer sends one) are closed here.
         let mut owned = fds[..count]
             .iter()
             .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
-        match (owned.next(), owned.next()) {
-            (Some(fd), None) if len > 0 => {
-                return Ok(Received {
-                    head: buf[..len].to_vec(),
-                    fd,
-                });
-            }
-            _ => continue,
-        }
+        return Ok(Received {
+            head: buf[..len].to_vec(),
+            fd: owned.next(),
+        });
     }
 }
 
@@ -166,7 +162,7 @@ mod tests {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let got = recv_conn(&worker, &mut buf).await.unwrap();
         assert_eq!(got.head, b"GET / HTTP/1.1\r\n\r\n");
-        let mut passed = std::os::unix::net::UnixStream::from(got.fd);
+        let mut passed = std::os::unix::net::UnixStream::from(got.fd.unwrap());
         passed.write_all(b"hi").unwrap();
         let mut two = [0u8; 2];
         client.read_exact(&mut two).unwrap();
@@ -177,16 +173,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_message_without_a_descriptor_is_skipped() {
+    async fn a_message_without_a_descriptor_arrives_as_such() {
         let (balancer, worker) = pair().unwrap();
         let worker = worker_end(worker).unwrap();
         balancer.send(b"no fd").await.unwrap();
-        let (_client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        send_conn(&balancer, b"head", server.as_raw_fd())
-            .await
-            .unwrap();
         let mut buf = vec![0u8; 64];
-        assert_eq!(recv_conn(&worker, &mut buf).await.unwrap().head, b"head");
+        let got = recv_conn(&worker, &mut buf).await.unwrap();
+        assert_eq!(got.head, b"no fd");
+        assert!(got.fd.is_none());
     }
 
     #[tokio::test]

@@ -38,18 +38,37 @@ impl HandoffChannel {
     /// # Errors
     /// The channel failed: the balancer is gone.
     pub async fn accept(&mut self) -> io::Result<HandedOff> {
-        let received = handoff::recv_conn(&self.sock, &mut self.buf).await?;
-        let stream = std::net::TcpStream::from(received.fd);
-        stream.set_nonblocking(true)?;
-        let stream = TcpStream::from_std(stream)?;
-        let _ = stream.set_nodelay(true);
-        Ok(HandedOff {
-            head: received.head,
-            head_read: 0,
-            stream,
-            closed: Arc::clone(&self.closed),
-        })
+        loop {
+            let received = handoff::recv_conn(&self.sock, &mut self.buf).await?;
+            match received.fd.map(adopt) {
+                Some(Ok(stream)) => {
+                    return Ok(HandedOff {
+                        head: received.head,
+                        head_read: 0,
+                        stream,
+                        closed: Arc::clone(&self.closed),
+                    });
+                }
+                // The balancer counted this connection: report it closed, as it is.
+                failed => {
+                    if let Some(Err(e)) = failed {
+                        tracing::warn!("a handed-over connection is unusable: {e}");
+                    } else {
+                        tracing::warn!("a handed-over connection arrived without its socket");
+                    }
+                    self.closed.note();
+                }
+            }
+        }
     }
+}
+
+fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<TcpStream> {
+    let stream = std::net::TcpStream::from(fd);
+    stream.set_nonblocking(true)?;
+    let stream = TcpStream::from_std(stream)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Closed connections not yet reported; a burst of closes becomes one message.
@@ -57,6 +76,13 @@ impl HandoffChannel {
 struct ClosedNotes {
     count: AtomicU64,
     wake: Notify,
+}
+
+impl ClosedNotes {
+    fn note(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
 }
 
 async fn report_closed(sock: Arc<UnixDatagram>, closed: Arc<ClosedNotes>) {
@@ -77,10 +103,15 @@ pub struct HandedOff {
     closed: Arc<ClosedNotes>,
 }
 
+impl std::os::fd::AsRawFd for HandedOff {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 impl Drop for HandedOff {
     fn drop(&mut self) {
-        self.closed.count.fetch_add(1, Ordering::AcqRel);
-        self.closed.wake.notify_one();
+        self.closed.note();
     }
 }
 
@@ -171,5 +202,19 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "the client sees the close");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_arrives_without_its_socket_is_reported_closed() {
+        let (balancer, worker_fd) = handoff::pair().unwrap();
+        let mut channel = HandoffChannel::new(handoff::worker_end(worker_fd).unwrap());
+        balancer.send(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let accepting = tokio::spawn(async move { channel.accept().await.map(|_| ()) });
+        assert_eq!(handoff::recv_closed(&balancer).await.unwrap(), 1);
+        assert!(
+            !accepting.is_finished(),
+            "it waits for the next, usable one"
+        );
+        accepting.abort();
     }
 }
