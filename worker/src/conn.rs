@@ -1,9 +1,12 @@
-//! Connections the worker can cut one by one: every accepted TCP stream is wrapped so a drain
-//! can end it, even after hyper handed it to a WebSocket (socketioxide has no per-socket
-//! transport close that avoids the Socket.IO disconnect packet).
+//! Connections the worker can cut one by one: every connection is registered with its socket,
+//! so a drain can end it even after hyper handed it to a WebSocket (socketioxide has no
+//! per-socket transport close that avoids the Socket.IO disconnect packet). A cut is a
+//! `shutdown(2)` of the socket: the kernel wakes whatever waits on it and the transport ends as
+//! if the client had gone, at no cost to the connection's reads and writes until then.
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +14,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Every open connection, and the Engine.IO session bound to it when it carries a WebSocket.
 #[derive(Default)]
@@ -29,7 +31,8 @@ struct Conns {
 }
 
 struct ConnEntry {
-    kill: CancellationToken,
+    /// Valid while the entry exists: the entry is removed before the socket is closed.
+    fd: RawFd,
     sid: Option<String>,
 }
 
@@ -54,15 +57,14 @@ pub struct ConnId(pub u64);
 impl ConnRegistry {
     /// Register a new connection and wrap its stream. The permit (the worker's connection
     /// cap) is released when the stream is dropped, even if a WebSocket outlived hyper.
-    pub fn wrap<T>(
+    pub fn wrap<T: AsRawFd>(
         self: &Arc<Self>,
         io: T,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> (ConnId, KillableIo<T>) {
+    ) -> (ConnId, Tracked<T>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let kill = CancellationToken::new();
         let entry = ConnEntry {
-            kill: kill.clone(),
+            fd: io.as_raw_fd(),
             sid: None,
         };
         self.conns.lock().unwrap().entries.insert(id, entry);
@@ -71,12 +73,7 @@ impl ConnRegistry {
             registry: Arc::clone(self),
             _permit: permit,
         };
-        let io = KillableIo {
-            io,
-            killed: Box::pin(kill.cancelled_owned()),
-            _guard: guard,
-        };
-        (ConnId(id), io)
+        (ConnId(id), Tracked { _guard: guard, io })
     }
 
     /// Record that connection `id` carries the WebSocket of session `sid`.
@@ -97,7 +94,9 @@ impl ConnRegistry {
         let conns = self.conns.lock().unwrap();
         let ids = conns.by_sid.get(sid).map_or(&[][..], Vec::as_slice);
         for id in ids {
-            conns.entries[id].kill.cancel();
+            // SAFETY: plain shutdown(2) on a socket this process still has open: the entry
+            // is removed (under this lock) before its stream, and so its descriptor, is dropped.
+            unsafe { libc::shutdown(conns.entries[id].fd, libc::SHUT_RDWR) };
         }
         ids.len()
     }
@@ -131,45 +130,42 @@ impl Drop for ConnGuard {
     }
 }
 
-/// A stream that fails every read and write once its connection is killed.
-pub struct KillableIo<T> {
-    io: T,
-    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+/// A registered connection's stream; reads and writes go straight through.
+pub struct Tracked<T> {
+    // Declared first, so dropped first: the registry forgets the descriptor before it closes.
     _guard: ConnGuard,
+    io: T,
 }
 
-impl<T> KillableIo<T> {
-    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
-        // Polling the cancellation registers the waker, so a pending read wakes on kill.
-        match self.killed.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "connection drained",
-            )),
-            Poll::Pending => Ok(()),
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for KillableIo<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.check(cx)?;
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for KillableIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
         Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -185,26 +181,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KillableIo<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     #[tokio::test]
-    async fn kill_wakes_a_pending_read_and_unregisters_on_drop() {
+    async fn kill_ends_a_pending_read_and_unregisters_on_drop() {
         let registry = Arc::new(ConnRegistry::default());
-        let (a, mut b) = tokio::io::duplex(64);
-        let (id, mut io) = registry.wrap(a, None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (id, mut io) = registry.wrap(server, None);
         registry.bind_sid(id, "abc");
         assert_eq!(registry.bound_count(), 1);
-        b.write_all(b"hi").await.unwrap();
+        client.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         io.read_exact(&mut buf).await.unwrap();
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 8];
-            let err = io.read(&mut buf).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+            // A cut socket reads as closed.
+            assert_eq!(io.read(&mut buf).await.unwrap(), 0);
         });
         tokio::task::yield_now().await;
         assert_eq!(registry.kill_sid("abc"), 1);
         reader.await.unwrap();
         assert!(registry.is_empty());
         assert_eq!(registry.bound_count(), 0);
+        // The client sees its connection end.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 }

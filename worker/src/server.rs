@@ -73,7 +73,7 @@ async fn next_handed(handoff: &mut Option<HandoffChannel>) -> std::io::Result<Ha
 /// Serves one connection in a task of its own, wrapped so a drain can cut it.
 fn serve_one<T>(ctx: &Arc<HttpCtx>, stream: T, permit: OwnedSemaphorePermit)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Unpin + Send + 'static,
 {
     let (conn_id, io) = ctx.registry.wrap(stream, Some(permit));
     let ctx = Arc::clone(ctx);
