@@ -107,9 +107,11 @@ class Redis(Proc):
 
 
 class Fleet:
-    """The balancer spawning `workers` workers, plus `extra_balancers` more sharing its port."""
+    """The balancer spawning `workers` workers, plus `extra_balancers` more sharing its port.
+    With `handoff` (the default) the spawning balancer passes WebSockets to its workers; the
+    extra balancers, which spawn nothing, always relay."""
 
-    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000):
+    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -120,6 +122,7 @@ class Fleet:
                 f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{metrics}\n"
                 f"redis:\n  url: {redis.url}\n"
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
+                f"  handoff: {'true' if handoff else 'false'}\n"
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
                 f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n")
             self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
@@ -157,6 +160,9 @@ class NodeSetup(Proc):
     def pids(self):
         return self.p and descendants(self.p.pid)
 
+    def balancer_pids(self):
+        return [self.p.pid]  # the cluster primary, which balances with @socket.io/sticky
+
 
 def loadtest(url, args, on_ready=None, name="loadtest"):
     """Runs the load generator; calls on_ready() when publishing starts; returns its report."""
@@ -176,13 +182,27 @@ def loadtest(url, args, on_ready=None, name="loadtest"):
     return json.loads(out.read_text())
 
 
-def measured_run(server_pids, url, args, name):
-    """A load run with the servers' CPU seconds counted from the start of publishing to the end."""
+def measured_run(server_pids, url, args, name, balancer_pids=None):
+    """A load run with the servers' CPU seconds counted from the start of publishing to the end;
+    with `balancer_pids`, the balancer processes' share of it too."""
     mark = {}
-    report = loadtest(url, args, on_ready=lambda: mark.setdefault("cpu", cpu_seconds(server_pids())), name=name)
+
+    def on_ready():
+        mark["cpu"] = cpu_seconds(server_pids())
+        mark["bal"] = cpu_seconds(balancer_pids()) if balancer_pids else 0
+
+    report = loadtest(url, args, on_ready=on_ready, name=name)
     cpu = cpu_seconds(server_pids()) - mark.get("cpu", 0)
+    bal = cpu_seconds(balancer_pids()) - mark.get("bal", 0) if balancer_pids else None
     delivered = max(report["deliveries"]["delivered"], 1)
+    extra = {} if bal is None else {
+        "balancer_cpu_s": round(bal, 3),
+        # The balancer's CPU over everything else's in the same run: the tax without the noise
+        # of comparing two runs.
+        "balancer_share_pct": round(bal / max(cpu - bal, 1e-9) * 100, 1),
+    }
     return {
+        **extra,
         "connected": report["connected"],
         "connect_errors": report["failed"],
         "errors": report["errors"],
@@ -244,10 +264,8 @@ def max_rate(server_pids, url, rates, duration, name):
 
 def compare(args, results):
     workers = args.workers
-    # A balancer process holds 2 descriptors per client and may open 20,000 here: past ~9,900
-    # clients the fleet runs a second balancer process on the same port (SO_REUSEPORT).
-    extra = (args.idle_clients - 1) // 9_000
-    for name, make in (("fleet", lambda r, big: Fleet(r, workers, extra_balancers=extra if big else 0)),
+    # WebSockets are handed to the workers, so one balancer process holds any number of them.
+    for name, make in (("fleet", lambda r, big: Fleet(r, workers)),
                        ("node", lambda r, big: NodeSetup(r, workers))):
         print(f"== {name}: {workers} workers", file=sys.stderr)
         res = {}
@@ -260,7 +278,7 @@ def compare(args, results):
                     res["memory"] = memory_per_client(pids, setup.url, args.idle_clients, f"{name}-idle")
                 else:
                     res["fixed_load"] = measured_run(pids, setup.url, scenario(args.rate, args.duration),
-                                                     f"{name}-fixed")
+                                                     f"{name}-fixed", balancer_pids=setup.balancer_pids)
                     res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
             finally:
                 setup.stop()
@@ -269,25 +287,29 @@ def compare(args, results):
 
 
 def balancer_tax(args, results):
-    """The same scenario through the balancer and straight to the workers, at a light and a
-    heavy offered load: the balancer's cost per message falls as its reads and writes batch."""
+    """The same scenario through the balancer (WebSockets handed to the workers), through the
+    balancer relaying them (`handoff: false`), and straight to the workers."""
     print("== balancer tax", file=sys.stderr)
     out = {}
     for rate in args.tax_rates:
-        redis = Redis()
-        fleet = Fleet(redis, args.workers)
-        pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
-        try:
-            through = measured_run(pids, fleet.url, scenario(rate, args.duration), f"tax-through-{rate}")
-            direct = measured_run(pids, fleet.worker_urls, scenario(rate, args.duration), f"tax-direct-{rate}")
-            out[f"rate_{rate}"] = {
-                "offered_per_sec": rate * 10 * 100,
-                "through_balancer": through, "direct": direct,
-                "cpu_tax_pct": round((through["cpu_us_per_delivery"] / direct["cpu_us_per_delivery"] - 1) * 100, 1),
-            }
-        finally:
-            fleet.stop()
-            redis.stop()
+        runs = {}
+        for mode in ("through_balancer", "relayed", "direct"):
+            redis = Redis()
+            fleet = Fleet(redis, args.workers, handoff=mode != "relayed")
+            pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
+            url = fleet.worker_urls if mode == "direct" else fleet.url
+            try:
+                runs[mode] = measured_run(pids, url, scenario(rate, args.duration), f"tax-{mode}-{rate}",
+                                          balancer_pids=fleet.balancer_pids)
+            finally:
+                fleet.stop()
+                redis.stop()
+        direct = runs["direct"]["cpu_us_per_delivery"]
+        out[f"rate_{rate}"] = {
+            "offered_per_sec": rate * 10 * 100, **runs,
+            "cpu_tax_pct": round((runs["through_balancer"]["cpu_us_per_delivery"] / direct - 1) * 100, 1),
+            "relayed_cpu_tax_pct": round((runs["relayed"]["cpu_us_per_delivery"] / direct - 1) * 100, 1),
+        }
     results["balancer_tax"] = out
 
 
@@ -295,15 +317,19 @@ def capacity(args, results):
     out = {}
     # Clients come from 127.0.0.2-5 so that 127.0.0.1's ephemeral ports stay for the balancers'
     # own connections to the workers (40k of them would not fit beside 10k clients).
-    for label, clients, workers, balancers, procs, sources in (
-        ("one balancer process", args.cap_one, 2, 0, 1, []),
-        ("several balancer processes", args.cap_many, 3, 4, 3, ["--source", "127.0.0.2-127.0.0.5"]),
+    many = ["--source", "127.0.0.2-127.0.0.5"]
+    for label, clients, workers, balancers, procs, sources, handoff in (
+        ("one balancer process", args.cap_one, 2, 0, 1, [], True),
+        ("one balancer process, many clients", args.cap_many, 3, 0, 3, many, True),
+        # Relayed WebSockets cost a balancer 2 descriptors each (at most 20,000 here), so past
+        # ~9,900 they need several balancer processes on one port.
+        ("several balancer processes, relayed", args.cap_many, 3, 4, 3, many, False),
     ):
-        if args.only_many and balancers == 0:
+        if args.only_many and clients != args.cap_many:
             continue
         print(f"== capacity: {clients} clients, {label}", file=sys.stderr)
         redis = Redis()
-        fleet = Fleet(redis, workers, extra_balancers=balancers)
+        fleet = Fleet(redis, workers, extra_balancers=balancers, handoff=handoff)
         pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
         try:
             base = rss_bytes(pids())
@@ -322,6 +348,7 @@ def capacity(args, results):
             held = max(r["connected"], 1)
             out[label] = {
                 "clients": clients, "balancer_processes": 1 + balancers, "workers": workers,
+                "websockets": "handed off" if handoff else "relayed",
                 "connected": r["connected"], "connect_errors": r["failed"], "errors": r["errors"],
                 "missing": r["deliveries"]["missing"], "p99_ms": r["delivery_ms"]["p99"],
                 "server_rss_mb": round(sample.get("rss", 0) / 2**20, 1),
@@ -347,6 +374,7 @@ def table(results):
             f"{ratio(nf['cpu_us_per_delivery'], ff['cpu_us_per_delivery']):>12}",
             f"{'delivery p50 at fixed load (ms)':38}{ff['p50_ms']:>14}{nf['p50_ms']:>14}{ratio(nf['p50_ms'], ff['p50_ms']):>12}",
             f"{'delivery p99 at fixed load (ms)':38}{ff['p99_ms']:>14}{nf['p99_ms']:>14}{ratio(nf['p99_ms'], ff['p99_ms']):>12}",
+            f"{'balancer / primary CPU share (%)':38}{ff['balancer_share_pct']:>14}{nf['balancer_share_pct']:>14}",
             f"{'delivered/s at fixed load':38}{ff['delivered_per_sec']:>14}{nf['delivered_per_sec']:>14}",
             f"{'connect errors at fixed load':38}{ff['connect_errors']:>14}{nf['connect_errors']:>14}",
             f"{'server KB per idle client':38}{f['memory']['kb_per_client']:>14}{n['memory']['kb_per_client']:>14}"
@@ -357,9 +385,13 @@ def table(results):
         ]
     for t in results.get("balancer_tax", {}).values():
         lines += [f"balancer tax at {t['offered_per_sec']} deliveries/s offered: "
-                  f"{t['through_balancer']['cpu_us_per_delivery']} us/delivery through, "
-                  f"{t['direct']['cpu_us_per_delivery']} direct: {t['cpu_tax_pct']}% more CPU; p99 "
-                  f"{t['through_balancer']['p99_ms']} vs {t['direct']['p99_ms']} ms"]
+                  f"{t['through_balancer']['cpu_us_per_delivery']} us/delivery through (handed off), "
+                  f"{t['relayed']['cpu_us_per_delivery']} relayed, "
+                  f"{t['direct']['cpu_us_per_delivery']} direct: {t['cpu_tax_pct']}% more CPU "
+                  f"({t['relayed_cpu_tax_pct']}% relayed); within the run, the balancer's own CPU is "
+                  f"{t['through_balancer']['balancer_share_pct']}% of the rest's "
+                  f"({t['relayed']['balancer_share_pct']}% relayed); p99 {t['through_balancer']['p99_ms']} / "
+                  f"{t['relayed']['p99_ms']} / {t['direct']['p99_ms']} ms"]
     for label, c in results.get("capacity", {}).items():
         lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
                      f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
@@ -372,7 +404,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--capacity", action="store_true", help="also the capacity runs (minutes)")
     ap.add_argument("--only-capacity", action="store_true")
-    ap.add_argument("--only-many", action="store_true", help="capacity: only the several-balancers run")
+    ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
