@@ -182,6 +182,10 @@ pub struct SocketIoConfig {
     /// or a polling client that has gone away). Default 1024.
     #[serde(default = "defaults::max_buffer_packets")]
     pub max_buffer_packets: usize,
+    /// Initial read buffer of each WebSocket, in bytes; it grows for larger messages. Every
+    /// open WebSocket holds one. Default 1024.
+    #[serde(default = "defaults::ws_read_buffer_bytes")]
+    pub ws_read_buffer_bytes: usize,
 }
 
 mod defaults {
@@ -231,6 +235,9 @@ mod defaults {
     }
     pub fn ping_timeout_ms() -> u64 {
         20_000
+    }
+    pub fn ws_read_buffer_bytes() -> usize {
+        1024
     }
     pub fn max_buffer_packets() -> usize {
         1024
@@ -517,6 +524,12 @@ impl FleetConfig {
                 "must be 16 to 1000000".into(),
             ));
         }
+        if !(256..=16 * 1024 * 1024).contains(&s.ws_read_buffer_bytes) {
+            return Err((
+                "socketio.ws_read_buffer_bytes",
+                "must be 256 to 16777216".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -769,6 +782,20 @@ workers:
         assert!(err.message.contains("65537"), "{err}");
         let err = FleetConfig::from_yaml_str(&GOOD.replace("9001", "70000")).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("workers.base_port"), "{err}");
+    }
+
+    #[test]
+    fn websocket_read_buffer_bounds() {
+        let err =
+            FleetConfig::from_yaml_str("socketio:\n  ws_read_buffer_bytes: 16\n").unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("socketio.ws_read_buffer_bytes"),
+            "{err}"
+        );
+        let ok = FleetConfig::from_yaml_str("socketio:\n  ws_read_buffer_bytes: 4096\n").unwrap();
+        assert_eq!(ok.socketio.ws_read_buffer_bytes, 4096);
+        assert_eq!(FleetConfig::default().socketio.ws_read_buffer_bytes, 1024);
     }
 
     #[test]

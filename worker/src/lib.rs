@@ -103,6 +103,7 @@ pub async fn run(
         .ping_timeout(Duration::from_millis(sio.ping_timeout_ms))
         .max_payload(sio.max_payload_bytes)
         .max_buffer_size(sio.max_buffer_packets)
+        .ws_read_buffer_size(sio.ws_read_buffer_bytes)
         .with_adapter::<FleetAdapter>(ctr)
         .build_svc();
 
