@@ -11,7 +11,7 @@ import requests
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fleet_harness import Client, wait_until  # noqa: E402
+from fleet_harness import Client, metric, parse_metrics, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 COUNT = yaml.safe_load((ROOT / "deploy/fleet.yaml").read_text())["workers"]["count"]
@@ -40,6 +40,11 @@ def main():
     time.sleep(0.5)
     assert all(c.data_received() == ["across"] for c in clients), "exactly once"
     print(f"compose check: {len(clients)} clients on {sorted(workers)}, broadcast delivered once to each")
+    # Inside the container too, as its non-root user, every WebSocket was handed to its worker.
+    m = parse_metrics(requests.get(ADMIN + "/metrics", timeout=2).text)
+    assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="passed") == len(clients), m
+    assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="relayed") == 0, m
+    print(f"compose check: all {len(clients)} WebSockets handed off to the workers")
 
     def targets():
         t = requests.get(PROM + "/targets", timeout=2).json()["data"]["activeTargets"]
