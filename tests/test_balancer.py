@@ -180,6 +180,31 @@ def test_kill_9_worker_holding_handed_off_websockets(closer, tmp_path, redis):
     wait_until(gauge_true, 5, what=f"websockets_active per worker == {dict(now)}")
 
 
+def test_draining_worker_moves_its_handed_off_websockets(closer, tmp_path, redis):
+    """SIGTERM to one worker holding handed-off WebSockets: it cuts them over its drain window
+    (a transport close, never a Socket.IO disconnect), they come back through the balancer to
+    the other workers, the rest never notice, and the gauge follows."""
+    b = start(closer, tmp_path, redis)
+    clients = [closer.add(Client(b.url, ["websocket"], reconnection=True)).connect() for _ in range(30)]
+    where = {c: c.call("whoami")["worker"] for c in clients}
+    victims = [c for c in clients if where[c] == "w1"]
+    others = [c for c in clients if where[c] != "w1"]
+    assert victims and others
+    os.kill(_worker_pid(b, "w1"), signal.SIGTERM)
+    wait_until(lambda: all(c.connects >= 2 for c in victims), 10, interval=0.05,
+               what="w1's clients cut and reconnected")
+    for c in victims:
+        assert c.disconnect_reasons and c.disconnect_reasons[0] != "io server disconnect", c.disconnect_reasons
+        assert c.call("echo", 2) == 2
+    for c in others:
+        assert c.connects == 1 and c.disconnect_reasons == [], c.disconnect_reasons
+    now = collections.Counter(c.call("whoami")["worker"] for c in clients)
+    def gauge_true():
+        m = b.metrics()
+        return all(metric(m, "fleet_balancer_websockets_active", worker=w) == now[w] for w in ("w0", "w1", "w2"))
+    wait_until(gauge_true, 5, what=f"websockets_active per worker == {dict(now)}")
+
+
 def _worker_pid(b, wid):
     """The pid of a spawned worker, from the supervisor's own log line."""
     pids = re.findall(rf"worker started worker={wid} pid=(\d+)", b.output())
