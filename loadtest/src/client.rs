@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tokio::time::{MissedTickBehavior, interval};
+use tokio::time::{Interval, MissedTickBehavior, interval_at};
 
 use crate::protocol::{self, Packet, Sio};
 use crate::scenario::{Scenario, Target};
@@ -214,8 +214,8 @@ impl Member {
         phase: &mut watch::Receiver<Phase>,
     ) -> Result<(), ConnError> {
         let sc = &shared.scenario;
-        let mut tick = interval(Duration::from_secs_f64(1.0 / sc.rate.max(0.001)));
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let period = Duration::from_secs_f64(1.0 / sc.rate.max(0.001));
+        let mut tick: Option<Interval> = None;
         loop {
             let now = *phase.borrow();
             if now == Phase::Stop {
@@ -224,13 +224,23 @@ impl Member {
             let publishing =
                 self.publisher && now == Phase::Publish && sc.messages.is_none_or(|n| self.seq < n);
             let flood_room = sc.window.is_some_and(|w| self.inflight < w);
+            if publishing && tick.is_none() {
+                // Publisher i starts i/publishers of a period in: the offered load is smooth,
+                // not every publisher firing at once each period (which would measure how
+                // fast a server drains bursts, not its latency at the stated rate).
+                let offset = period.mul_f64(self.index as f64 / sc.publishers.max(1) as f64);
+                let mut t = interval_at(tokio::time::Instant::now() + offset, period);
+                t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                tick = Some(t);
+            }
             tokio::select! {
                 packets = conn.recv() => {
                     for p in packets? {
                         self.handle(shared, conn, p).await?;
                     }
                 }
-                _ = tick.tick(), if publishing && sc.window.is_none() => {
+                _ = async { tick.as_mut().expect("set when publishing").tick().await },
+                    if publishing && sc.window.is_none() => {
                     self.publish(shared, conn).await?;
                 }
                 _ = std::future::ready(()), if publishing && flood_room => {
