@@ -128,10 +128,7 @@ def test_two_balancers_alternating_polling_session(closer, tmp_path, redis):
 def test_kill_9_worker_clients_move_and_it_comes_back(closer, tmp_path, redis):
     b = start(closer, tmp_path, redis)
     clients = [closer.add(Client(b.url, ["polling"], reconnection=True)).connect() for i in range(30)]
-    where = {c: c.call("whoami")["worker"] for c in clients}
-    victims = [c for c in clients if where[c] == "w1"]
-    others = [c for c in clients if where[c] != "w1"]
-    assert victims and others
+    victims, others = split_by_worker(clients, "w1")
     pid = _worker_pid(b, "w1")
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
@@ -141,9 +138,7 @@ def test_kill_9_worker_clients_move_and_it_comes_back(closer, tmp_path, redis):
         return all(c.connects >= 2 and c.call("whoami", timeout=2)["worker"] for c in victims)
     wait_until(moved, 5, interval=0.1, what="w1's clients reconnected within 5 s")
     assert time.monotonic() - t0 <= 5
-    for c in others:
-        assert c.connects == 1 and c.disconnect_reasons == [], c.disconnect_reasons
-        assert c.call("echo", 1) == 1
+    assert_untouched(others)
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_restarts_total", worker="w1") >= 1, 5,
                what="restart counted")
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 1, 10, what="w1 back")
@@ -156,28 +151,18 @@ def test_kill_9_worker_holding_handed_off_websockets(closer, tmp_path, redis):
     to its restart, the others never notice, and the gauge drops the dead worker's sockets."""
     b = start(closer, tmp_path, redis)
     clients = [closer.add(Client(b.url, ["websocket"], reconnection=True)).connect() for _ in range(30)]
-    where = {c: c.call("whoami")["worker"] for c in clients}
-    victims = [c for c in clients if where[c] == "w1"]
-    others = [c for c in clients if where[c] != "w1"]
-    assert victims and others
+    victims, others = split_by_worker(clients, "w1")
     wait_until(lambda: websockets_active(b) == 30, 5, what="30 WebSockets counted")
     os.kill(_worker_pid(b, "w1"), signal.SIGKILL)
     def moved():
         return all(c.connects >= 2 and c.call("whoami", timeout=2)["worker"] for c in victims)
     wait_until(moved, 10, interval=0.1, what="w1's clients reconnected")
-    for c in others:
-        assert c.connects == 1 and c.disconnect_reasons == [], c.disconnect_reasons
-        assert c.call("echo", 1) == 1
+    assert_untouched(others)
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 1, 10, what="w1 back")
     fresh = [closer.add(Client(b.url, ["websocket"])).connect() for _ in range(30)]
-    everyone = clients + fresh
-    now = collections.Counter(c.call("whoami")["worker"] for c in everyone)
-    assert now["w1"] > 0, now
     # The gauge forgot the dead worker's sockets and counts the restarted one's.
-    def gauge_true():
-        m = b.metrics()
-        return all(metric(m, "fleet_balancer_websockets_active", worker=w) == now[w] for w in ("w0", "w1", "w2"))
-    wait_until(gauge_true, 5, what=f"websockets_active per worker == {dict(now)}")
+    now = wait_gauge_matches_clients(b, clients + fresh)
+    assert now["w1"] > 0, now
 
 
 def test_draining_worker_moves_its_handed_off_websockets(closer, tmp_path, redis):
@@ -186,23 +171,42 @@ def test_draining_worker_moves_its_handed_off_websockets(closer, tmp_path, redis
     the other workers, the rest never notice, and the gauge follows."""
     b = start(closer, tmp_path, redis)
     clients = [closer.add(Client(b.url, ["websocket"], reconnection=True)).connect() for _ in range(30)]
-    where = {c: c.call("whoami")["worker"] for c in clients}
-    victims = [c for c in clients if where[c] == "w1"]
-    others = [c for c in clients if where[c] != "w1"]
-    assert victims and others
+    victims, others = split_by_worker(clients, "w1")
     os.kill(_worker_pid(b, "w1"), signal.SIGTERM)
     wait_until(lambda: all(c.connects >= 2 for c in victims), 10, interval=0.05,
                what="w1's clients cut and reconnected")
     for c in victims:
         assert c.disconnect_reasons and c.disconnect_reasons[0] != "io server disconnect", c.disconnect_reasons
         assert c.call("echo", 2) == 2
-    for c in others:
+    assert_untouched(others)
+    wait_gauge_matches_clients(b, clients)
+
+
+def split_by_worker(clients, wid):
+    """The clients on worker `wid`, and the others; both non-empty."""
+    where = {c: c.call("whoami")["worker"] for c in clients}
+    victims = [c for c in clients if where[c] == wid]
+    others = [c for c in clients if where[c] != wid]
+    assert victims and others
+    return victims, others
+
+
+def assert_untouched(clients):
+    """Never disconnected, and still answering."""
+    for c in clients:
         assert c.connects == 1 and c.disconnect_reasons == [], c.disconnect_reasons
+        assert c.call("echo", 1) == 1
+
+
+def wait_gauge_matches_clients(b, clients):
+    """fleet_balancer_websockets_active per worker comes to equal where the clients say they
+    are; returns that count."""
     now = collections.Counter(c.call("whoami")["worker"] for c in clients)
     def gauge_true():
         m = b.metrics()
         return all(metric(m, "fleet_balancer_websockets_active", worker=w) == now[w] for w in ("w0", "w1", "w2"))
     wait_until(gauge_true, 5, what=f"websockets_active per worker == {dict(now)}")
+    return now
 
 
 def _worker_pid(b, wid):
