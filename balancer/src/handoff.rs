@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -21,21 +20,23 @@ use shared::handoff;
 use tokio::net::UnixDatagram;
 use tokio::task::AbortHandle;
 
+use crate::metrics::METRICS;
 use crate::raw_http;
 
-/// Every live channel, by worker address.
+/// Every live channel, by worker label (`w0`, `w1`, …: what the supervisor names a worker and
+/// the proxy's routing reports), with the task reading its close reports.
 #[derive(Default)]
 pub struct Handoffs {
-    channels: RwLock<HashMap<SocketAddr, Arc<Channel>>>,
+    channels: RwLock<HashMap<String, (Arc<Channel>, AbortHandle)>>,
 }
 
 impl Handoffs {
-    /// A fresh channel to the worker at `addr` (replacing any earlier one), whose open
-    /// connections `open` counts. Returns the worker's end, for the child process to inherit.
+    /// A fresh channel to worker `label` (replacing any earlier one). Returns the worker's
+    /// end, for the child process to inherit.
     ///
     /// # Errors
     /// No descriptors left.
-    pub fn open(&self, addr: SocketAddr, open: IntGauge) -> io::Result<OwnedFd> {
+    pub fn open(&self, label: &str) -> io::Result<OwnedFd> {
         let (sock, theirs) = handoff::pair()?;
         let channel = Arc::new(Channel {
             sock,
@@ -43,28 +44,33 @@ impl Handoffs {
                 open: 0,
                 dead: false,
             }),
-            gauge: open,
-            reader: Mutex::new(None),
+            gauge: METRICS.websockets.with_label_values(&[label]),
         });
-        let reader = tokio::spawn(count_closed(Arc::clone(&channel)));
-        *channel.reader.lock().unwrap() = Some(reader.abort_handle());
-        let old = self.channels.write().unwrap().insert(addr, channel);
-        if let Some(old) = old {
-            old.kill();
+        let reader = tokio::spawn(count_closed(Arc::clone(&channel))).abort_handle();
+        let old = self
+            .channels
+            .write()
+            .unwrap()
+            .insert(label.to_owned(), (channel, reader));
+        if let Some((old, old_reader)) = old {
+            old_reader.abort();
+            old.settle();
         }
         Ok(theirs)
     }
 
-    /// The worker at `addr` exited: its connections are gone, and so is its channel.
-    pub fn close(&self, addr: SocketAddr) {
-        if let Some(channel) = self.channels.write().unwrap().remove(&addr) {
-            channel.kill();
+    /// Worker `label` exited: its connections are gone, and so is its channel.
+    pub fn close(&self, label: &str) {
+        if let Some((channel, reader)) = self.channels.write().unwrap().remove(label) {
+            reader.abort();
+            channel.settle();
         }
     }
 
-    /// The channel to the worker at `addr`, if it is one this balancer runs.
-    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<Channel>> {
-        self.channels.read().unwrap().get(addr).cloned()
+    /// The channel to worker `label`, if it is one this balancer runs.
+    pub fn get(&self, label: &str) -> Option<Arc<Channel>> {
+        let channels = self.channels.read().unwrap();
+        channels.get(label).map(|(channel, _)| Arc::clone(channel))
     }
 }
 
@@ -73,7 +79,6 @@ pub struct Channel {
     sock: UnixDatagram,
     count: Mutex<Count>,
     gauge: IntGauge,
-    reader: Mutex<Option<AbortHandle>>,
 }
 
 /// Connections passed and not yet reported closed. Once the worker is gone the count is
@@ -103,25 +108,20 @@ impl Channel {
             .ok_or_else(|| io::Error::other("not an HTTP/1 connection"))?;
         // Counted before sending: the worker may report it closed before `send` returns.
         self.add(1);
-        let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, head, fd)).await;
-        match sent {
-            Ok(Ok(())) => {
-                // The worker has its own descriptor now; closing ours leaves the socket open.
-                drop(raw_http::take_client(session));
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                self.add(-1);
-                Err(e)
-            }
-            Err(_) => {
-                self.add(-1);
+        let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, head, fd))
+            .await
+            .unwrap_or_else(|_| {
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the worker did not take the connection",
                 ))
-            }
+            });
+        match sent {
+            // The worker has its own descriptor now; closing ours leaves the socket open.
+            Ok(()) => drop(raw_http::take_client(session)),
+            Err(_) => self.add(-1),
         }
+        sent
     }
 
     fn add(&self, n: i64) {
@@ -132,10 +132,8 @@ impl Channel {
         }
     }
 
-    fn kill(&self) {
-        if let Some(reader) = self.reader.lock().unwrap().take() {
-            reader.abort();
-        }
+    /// The worker is gone: whatever it still held is closed.
+    fn settle(&self) {
         let mut count = self.count.lock().unwrap();
         self.gauge.sub(count.open);
         count.open = 0;

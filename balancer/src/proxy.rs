@@ -181,7 +181,7 @@ impl FleetProxy {
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req)?;
         let label = ctx.label.as_str();
-        if let Some(channel) = self.handoffs.get(&worker) {
+        if let Some(channel) = self.handoffs.get(label) {
             let head = raw_http::serialize(&req);
             match channel.pass(session, &head, CONNECT_TIMEOUT).await {
                 Ok(()) => {

@@ -3,7 +3,6 @@
 //! backoff, and on shutdown lets every worker drain, then ends them. Each worker process gets
 //! its own handoff channel (see `handoff`), opened as it starts and closed as it ends.
 
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -35,8 +34,6 @@ pub struct Supervisor {
     pub drain_limit: Duration,
     /// Where the handoff channels go, when WebSockets are handed to workers.
     pub handoffs: Option<Arc<Handoffs>>,
-    /// Each worker's address, by index (what the proxy routes to).
-    addrs: Vec<Option<SocketAddr>>,
 }
 
 impl Supervisor {
@@ -59,9 +56,6 @@ impl Supervisor {
             count: cfg.workers.count,
             drain_limit: cfg.workers.drain_window() + Duration::from_secs(3),
             handoffs,
-            addrs: (0..cfg.workers.count)
-                .map(|i| cfg.worker_addr(i).parse().ok())
-                .collect(),
         }
     }
 
@@ -79,12 +73,9 @@ impl Supervisor {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // The worker's end of its handoff channel, inherited under the number in the env.
-        let channel = match (&self.handoffs, self.addrs[index as usize]) {
-            (Some(handoffs), Some(addr)) => {
-                let gauge = METRICS.websockets.with_label_values(&[id.as_str()]);
-                Some(handoffs.open(addr, gauge)?)
-            }
-            _ => None,
+        let channel = match &self.handoffs {
+            Some(handoffs) => Some(handoffs.open(&id)?),
+            None => None,
         };
         let inherit = channel.as_ref().map_or(-1, |fd| fd.as_raw_fd());
         if inherit >= 0 {
@@ -152,8 +143,8 @@ impl Supervisor {
 
     /// Worker `index` is gone, and every connection handed to it with it.
     fn exited(&self, index: u32) {
-        if let (Some(handoffs), Some(addr)) = (&self.handoffs, self.addrs[index as usize]) {
-            handoffs.close(addr);
+        if let Some(handoffs) = &self.handoffs {
+            handoffs.close(&FleetConfig::worker_id(index));
         }
     }
 
