@@ -49,16 +49,11 @@ impl HandoffChannel {
                         closed: Arc::clone(&self.closed),
                     });
                 }
-                // The balancer counted this connection: report it closed, as it is.
-                failed => {
-                    if let Some(Err(e)) = failed {
-                        tracing::warn!("a handed-over connection is unusable: {e}");
-                    } else {
-                        tracing::warn!("a handed-over connection arrived without its socket");
-                    }
-                    self.closed.note();
-                }
+                Some(Err(e)) => tracing::warn!("a handed-over connection is unusable: {e}"),
+                None => tracing::warn!("a handed-over connection arrived without its socket"),
             }
+            // The balancer counted this connection: report it closed, as it is.
+            self.closed.note();
         }
     }
 }
