@@ -51,7 +51,18 @@ pub async fn handle(
     if shared::eio_query::under_path(path, &ctx.sio_path) {
         let mut req = own_head(req);
         req.extensions_mut().insert(conn);
-        return Ok(engine_io(&ctx, conn, req).await);
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        let mut res = engine_io(&ctx, conn, req).await;
+        if upgrade && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // A refused upgrade ends its connection, as the balancer's relay does: a
+            // connection the balancer handed over counts there as an open WebSocket until
+            // it closes.
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        return Ok(res);
     }
     Ok(match (req.method(), path) {
         (&Method::GET, "/metrics") => {
