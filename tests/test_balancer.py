@@ -7,12 +7,13 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
 import requests
 
-from fleet_harness import Balancer, Client, Worker, metric, port_open, wait_until
+from fleet_harness import Balancer, Client, Worker, free_port_range, metric, port_open, wait_until
 
 
 def start(closer, tmp_path, redis, **kw):
@@ -129,6 +130,8 @@ def test_kill_9_worker_clients_move_and_it_comes_back(closer, tmp_path, redis):
     b = start(closer, tmp_path, redis)
     clients = [closer.add(Client(b.url, ["polling"], reconnection=True)).connect() for i in range(30)]
     victims, others = split_by_worker(clients, "w1")
+    traffic = closer.add(_Traffic(others))  # the others keep calling while w1 dies
+    wait_until(lambda: traffic.calls >= len(others), 10, what="traffic flowing")
     pid = _worker_pid(b, "w1")
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
@@ -138,6 +141,10 @@ def test_kill_9_worker_clients_move_and_it_comes_back(closer, tmp_path, redis):
         return all(c.connects >= 2 and c.call("whoami", timeout=2)["worker"] for c in victims)
     wait_until(moved, 5, interval=0.1, what="w1's clients reconnected within 5 s")
     assert time.monotonic() - t0 <= 5
+    calls = traffic.calls
+    wait_until(lambda: traffic.calls >= calls + len(others), 10, what="traffic still flowing")
+    traffic.close()
+    assert traffic.errors == []
     assert_untouched(others)
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_restarts_total", worker="w1") >= 1, 5,
                what="restart counted")
@@ -180,6 +187,110 @@ def test_draining_worker_moves_its_handed_off_websockets(closer, tmp_path, redis
         assert c.call("echo", 2) == 2
     assert_untouched(others)
     wait_gauge_matches_clients(b, clients)
+
+
+def test_hung_worker_leaves_placement_and_returns(closer, tmp_path, redis):
+    """A hung worker (SIGSTOP: its /readyz stops answering) fails two checks a second apart and
+    leaves placement: a request tagged to it is answered 400 "Session ID unknown" at once, new
+    sessions go to the others, the rest never notice; resumed, it takes sessions again."""
+    b = start(closer, tmp_path, redis)
+    clients = [closer.add(Client(b.url, ["polling"])).connect() for _ in range(30)]
+    victims, others = split_by_worker(clients, "w1")
+    tagged = victims[0].sio.eio.sid
+    pid = _worker_pid(b, "w1")
+    os.kill(pid, signal.SIGSTOP)
+    closer.add(_Resume(pid))
+    t0 = time.monotonic()
+
+    def refused():
+        # While w1 still counts as healthy this is forwarded and hangs: the short timeout
+        # raises, and wait_until asks again.
+        r = requests.get(f"{b.url}/socket.io/?EIO=4&transport=polling&sid={tagged}", timeout=0.3)
+        return r.status_code == 400 and "Session ID unknown" in r.text
+    wait_until(refused, 10, interval=0.05, what="w1's sessions refused")
+    # Two failed checks 1 s apart, each allowed 0.8 s: 2.8 s at worst, plus scheduling slack.
+    assert time.monotonic() - t0 < 4, time.monotonic() - t0
+    t1 = time.monotonic()
+    assert _raw_status(b.url, tagged) == 400  # at once, not after a timeout
+    assert time.monotonic() - t1 < 0.5
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 0, 3, what="w1 down")
+    fresh = [closer.add(Client(b.url, ["polling"])).connect() for _ in range(12)]
+    assert {c.call("whoami")["worker"] for c in fresh} == {"w0", "w2"}
+    assert_untouched(others)
+    assert metric(b.metrics(), "fleet_balancer_sticky_rejects_total", reason="worker_down") >= 1
+
+    os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 1, 5, what="w1 back")
+    # w1 now holds the fewest sessions, so bounded-load placement sends new ones its way.
+    def placed_on_w1():
+        c = closer.add(Client(b.url, ["polling"])).connect()
+        return c.call("whoami")["worker"] == "w1"
+    wait_until(placed_on_w1, 20, interval=0, what="a new session placed on w1")
+
+
+class _Resume:
+    """Guard: a stopped worker is let go on, so the balancer can stop it."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def close(self):
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _raw_status(url, tagged):
+    return requests.get(f"{url}/socket.io/?EIO=4&transport=polling&sid={tagged}", timeout=5).status_code
+
+
+def test_balancer_restart_breaks_no_polling_session(closer, tmp_path, redis):
+    """Nothing is kept per session: a balancer killed and started again (here the attached one,
+    `spawn: false`) carries on a polling session it began, mid-room."""
+    b1 = start(closer, tmp_path, redis)
+    b2 = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=b1.base_port, name="bal2"))
+    b2.wait_ready()
+    s = requests.Session()
+    base = b2.url + "/socket.io/?EIO=4&transport=polling"
+    sid = json.loads(s.get(base, timeout=5).text[1:])["sid"]
+    assert s.post(f"{base}&sid={sid}", data="40", timeout=5).text == "ok"
+    assert "40{" in s.get(f"{base}&sid={sid}", timeout=30).text
+    assert s.post(f"{base}&sid={sid}", data='420["join","kept"]', timeout=5).text == "ok"
+    assert '430[{"ok":true,"room":"kept"}]' in s.get(f"{base}&sid={sid}", timeout=30).text
+    b2.proc.kill()
+    b2.wait_exit(10)
+    b3 = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=b1.base_port, name="bal3", port=b2.port))
+    b3.wait_ready()
+    s = requests.Session()  # the old keep-alive connection died with b2
+    other = closer.add(Client(b1.url, ["polling"])).connect()
+    other.call("publish", {"room": "kept", "data": "after restart"})
+    assert '42["message",{"data":"after restart","room":"kept"}]' in s.get(f"{base}&sid={sid}", timeout=30).text
+    assert s.post(f"{base}&sid={sid}", data='421["echo","same session"]', timeout=5).text == "ok"
+    assert '431["same session"]' in s.get(f"{base}&sid={sid}", timeout=30).text
+
+
+class _Traffic:
+    """Round trips from `clients`, one after another, until closed; any failure is kept."""
+
+    def __init__(self, clients):
+        self.calls, self.errors = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(clients,), daemon=True)
+        self._thread.start()
+
+    def _run(self, clients):
+        while not self._stop.is_set():
+            for c in clients:
+                try:
+                    assert c.call("echo", self.calls, timeout=5) == self.calls
+                except Exception as e:  # noqa: BLE001 — every failure is a finding
+                    self.errors.append(repr(e))
+                self.calls += 1
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
 
 
 def split_by_worker(clients, wid):
@@ -364,3 +475,56 @@ def test_balancers_share_one_port_with_reuse_port(closer, tmp_path, redis):
         assert c.call("echo", 7) == 7
     served = [metric(b.metrics(), "fleet_balancer_requests_total") for b in (b1, b2)]
     assert all(n > 0 for n in served), served
+
+
+# The balancer's metric names and labels are a contract (dashboards and alerts use them).
+CONTRACT = {
+    "fleet_balancer_requests_total": {"worker", "transport"},
+    "fleet_balancer_websockets_active": {"worker"},
+    "fleet_balancer_sessions_placed_total": {"worker"},
+    "fleet_balancer_sticky_rejects_total": {"reason"},
+    "fleet_balancer_upstream_errors_total": {"worker"},
+    "fleet_balancer_worker_up": {"worker"},
+    "fleet_balancer_request_duration_seconds_count": set(),
+}
+
+
+def _labels(key):
+    return set(re.findall(r'(\w+)="', key))
+
+
+def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
+    """Every contract metric is exported with its labels and counts what happened, including
+    a worker that vanished before its health checks noticed (502, an upstream error)."""
+    base = free_port_range(2)
+    workers = [closer.add(Worker(redis.url, wid=f"solo{i}", port=base + i)) for i in range(2)]
+    for w in workers:
+        w.wait_ready()
+    b = start(closer, tmp_path, redis, count=2, spawn=False, base_port=base)
+    clients = [closer.add(Client(b.url, ["polling"] if i % 2 else ["websocket"])).connect() for i in range(8)]
+    where = collections.Counter(c.call("whoami")["worker"] for c in clients)
+    assert set(where) == {"solo0", "solo1"}, where
+    victim = next(c for c in clients if c.transport() == "polling" and c.call("whoami")["worker"] == "solo1")
+    tagged = victim.sio.eio.sid
+    wait_until(lambda: websockets_active(b) == 4, 5, what="4 WebSockets counted")
+    workers[1].proc.kill()
+    workers[1].proc.wait(10)
+    # Two failed checks are needed before w1 leaves placement; this request comes well before.
+    assert _raw_status(b.url, tagged) == 502
+
+    m = b.metrics()
+    for name, labels in CONTRACT.items():
+        samples = [k for k in m if k.split("{")[0] == name]
+        assert samples, f"{name} missing"
+        assert all(_labels(k) - {"le"} == labels for k in samples), samples
+    assert metric(m, "fleet_balancer_upstream_errors_total", worker="w1") >= 1
+    assert metric(m, "fleet_balancer_upstream_errors_total", worker="w0") == 0
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "upstream_failed"}) >= 1
+    assert metric(m, "fleet_balancer_sessions_placed_total") == 8
+    assert metric(m, "fleet_balancer_requests_total", transport="websocket") == 4
+    assert metric(m, "fleet_balancer_requests_total", transport="polling") >= 4 * 3
+    assert metric(m, "fleet_balancer_request_duration_seconds_count") >= 4 * 3
+    # Attached workers are not the balancer's to restart: no restart series for them.
+    assert not any(k.startswith("fleet_balancer_worker_restarts_total") for k in m)
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 0, 5, what="w1 down")
+    assert metric(b.metrics(), "fleet_balancer_worker_up", worker="w0") == 1

@@ -433,6 +433,11 @@ impl ProxyHttp for FleetProxy {
                 .upstream_errors
                 .with_label_values(&[ctx.label.as_str()])
                 .inc();
+            // pingora answered it (502/504): a refusal like any other, for `rejects_total`.
+            METRICS
+                .rejects
+                .with_label_values(&[Class::UpstreamFailed.as_str()])
+                .inc();
         }
     }
 }
