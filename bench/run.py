@@ -5,7 +5,9 @@
    @socket.io/redis-adapter): server CPU per delivered message, server memory per idle
    client, delivery p50/p99 at a fixed offered load, highest delivered/s with p99 < 100 ms;
 2. the balancer tax: the same scenario through the balancer and straight to the workers;
-3. (--capacity) how many clients the fleet holds: through one balancer process, and through
+3. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
+   requests/s when flooded, and the latency it adds at a fixed load;
+4. (--capacity) how many clients the fleet holds: through one balancer process, and through
    several sharing the public port (SO_REUSEPORT).
 
 Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
@@ -210,6 +212,7 @@ def measured_run(server_pids, url, args, name, balancer_pids=None):
         "missing": report["deliveries"]["missing"],
         "duplicate": report["deliveries"]["duplicate"],
         "delivered_per_sec": round(report["delivered_per_sec"]),
+        "http_requests_per_sec": round(report.get("http_requests_per_sec", 0)),
         "p50_ms": report["delivery_ms"]["p50"],
         "p99_ms": report["delivery_ms"]["p99"],
         "cpu_s": round(cpu, 2),
@@ -313,6 +316,48 @@ def balancer_tax(args, results):
     results["balancer_tax"] = out
 
 
+def polling_scenario(load, duration):
+    """Each of 200 long-polling clients alone in its room, publishing to it: every publish is a
+    POST, and its delivery and ack come back on the client's pending GET."""
+    pace = ["--window", 1] if load == "flood" else ["--rate", load]
+    return ["-c", 200, "--rooms", 200, "--publishers", 200, *pace, "-d", duration, "--settle", 1,
+            "--connect-rate", 1000, "--connect-timeout", 60, "--transport", "polling"]
+
+
+def polling(args, results):
+    """Long-polling through the balancer (every request proxied, two hops per round trip) vs
+    straight to the workers, and Node's setup, in alternating rounds; medians reported."""
+    print("== long-polling", file=sys.stderr)
+    out = {}
+    for load in (args.polling_rate, "flood"):
+        runs = {mode: [] for mode in ("through_balancer", "direct", "node")}
+        for rnd in range(args.polling_rounds):
+            for mode in runs:
+                redis = Redis()
+                setup = NodeSetup(redis, args.workers) if mode == "node" else Fleet(redis, args.workers)
+                url = setup.worker_urls if mode == "direct" else setup.url
+                try:
+                    runs[mode].append(measured_run(lambda: setup.pids() + redis.pids(), url,
+                                                   polling_scenario(load, args.polling_duration),
+                                                   f"polling-{mode}-{load}-{rnd}", balancer_pids=setup.balancer_pids))
+                finally:
+                    setup.stop()
+                    redis.stop()
+        key = "flood" if load == "flood" else f"rate_{load}"
+        out[key] = {mode: {"median": median_run(rs), "runs": rs} for mode, rs in runs.items()}
+    results["polling"] = out
+
+
+def median_run(runs):
+    """Field by field, the median of several runs' numbers."""
+    import statistics
+    med = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
+    # Failures are not a median: any in any run counts.
+    med["failures_all_runs"] = sum(sum(r["errors"].values()) + r["connect_errors"] + r["missing"] + r["duplicate"]
+                                   for r in runs)
+    return med
+
+
 def capacity(args, results):
     out = {}
     # Clients come from 127.0.0.2-5 so that 127.0.0.1's ephemeral ports stay for the balancers'
@@ -392,6 +437,14 @@ def table(results):
                   f"{t['through_balancer']['balancer_share_pct']}% of the rest's "
                   f"({t['relayed']['balancer_share_pct']}% relayed); p99 {t['through_balancer']['p99_ms']} / "
                   f"{t['relayed']['p99_ms']} / {t['direct']['p99_ms']} ms"]
+    for load, p in results.get("polling", {}).items():
+        t, d, n = (p[m]["median"] for m in ("through_balancer", "direct", "node"))
+        lines.append(f"long-polling {load}: HTTP requests/s through {t['http_requests_per_sec']}, direct "
+                     f"{d['http_requests_per_sec']}, node {n['http_requests_per_sec']}; delivery p50/p99 "
+                     f"{t['p50_ms']}/{t['p99_ms']} through, {d['p50_ms']}/{d['p99_ms']} direct, "
+                     f"{n['p50_ms']}/{n['p99_ms']} node ms; balancer CPU {t['balancer_share_pct']}% of the rest's; "
+                     f"failures (errors, missing, duplicate) {t['failures_all_runs']} / {d['failures_all_runs']} / "
+                     f"{n['failures_all_runs']}")
     for label, c in results.get("capacity", {}).items():
         lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
                      f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
@@ -404,6 +457,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     ap.add_argument("--capacity", action="store_true", help="also the capacity runs (minutes)")
     ap.add_argument("--only-capacity", action="store_true")
+    ap.add_argument("--only-polling", action="store_true", help="only the long-polling section")
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
@@ -411,15 +465,22 @@ def main():
     args.rate, args.duration, args.step_duration, args.tax_rates = 20, 15, 8, [20, 100]
     args.idle_clients, args.rates = 10_000, [20, 50, 100, 200, 400]
     args.cap_one, args.cap_many = 9_500, 40_000
+    args.polling_rate, args.polling_duration, args.polling_rounds = 5, 10, 3
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
         args.cap_one, args.cap_many = 500, 1500
+        args.polling_duration, args.polling_rounds = 3, 1
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
-    if not args.only_capacity:
+    partial = args.only_capacity or args.only_polling
+    if partial and Path(args.json).exists():  # one section re-run: the others are kept
+        results = {**json.loads(Path(args.json).read_text()), **results}
+    if not partial:
         compare(args, results)
         balancer_tax(args, results)
+    if not args.only_capacity:
+        polling(args, results)
     if args.capacity or args.only_capacity:
         capacity(args, results)
     Path(args.json).write_text(json.dumps(results, indent=2))

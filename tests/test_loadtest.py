@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_harness import BIN_DIR, LOG_DIR, Balancer, wait_until
+from fleet_harness import BIN_DIR, LOG_DIR, Balancer, metric, wait_until
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -54,6 +54,15 @@ def test_exactly_once_through_the_balancer(closer, tmp_path, redis, transport):
     assert 0 < r["delivery_ms"]["p50"] <= r["delivery_ms"]["p99"] <= r["delivery_ms"]["max"]
     assert r["connect_ms"]["count"] == 60
     assert "PASS" in out and "deliveries: expected 1200" in out  # the human table
+    requests = round(r["http_requests_per_sec"] * r["publish_secs"])
+    if transport == "polling":
+        # Every publish is a POST and deliveries come back on GETs: at least one request per
+        # publish, and no more than the balancer itself proxied over the whole run.
+        proxied = metric(b.metrics(), "fleet_balancer_requests_total", transport="polling")
+        assert r["published"] < requests <= proxied, (requests, proxied)
+        assert "HTTP requests (long-polling)" in out
+    else:
+        assert requests == 0  # upgraded before publishing: WebSocket only
 
 
 def test_several_processes_merge_into_one_report(closer, tmp_path, redis):

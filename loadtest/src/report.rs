@@ -86,6 +86,8 @@ pub struct Report {
     pub published_per_sec: f64,
     /// Deliveries per second while publishing.
     pub delivered_per_sec: f64,
+    /// HTTP requests answered per second while publishing (long-polling; 0 over WebSocket).
+    pub http_requests_per_sec: f64,
     /// Whether missing + duplicate deliveries stayed within `max_loss`.
     pub pass: bool,
 }
@@ -124,6 +126,7 @@ impl Report {
             publish_secs: s.publish_secs,
             published_per_sec: s.published as f64 / secs,
             delivered_per_sec: s.delivered as f64 / secs,
+            http_requests_per_sec: s.publish_http_requests as f64 / secs,
             pass,
         }
     }
@@ -172,6 +175,13 @@ impl Report {
             "\npublished {} (acked {}), {:.0}/s; delivered {:.0}/s",
             self.published, self.acked, self.published_per_sec, self.delivered_per_sec
         );
+        if self.http_requests_per_sec > 0.0 {
+            let _ = writeln!(
+                t,
+                "HTTP requests (long-polling) {:.0}/s",
+                self.http_requests_per_sec
+            );
+        }
         let _ = writeln!(
             t,
             "deliveries: expected {}  delivered {}  duplicate {}  missing {}",

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::client::{self, Phase, Shared};
 use crate::scenario::Scenario;
 use crate::stats::{Snapshot, Stats};
+use crate::transport::HTTP_REQUESTS;
 
 /// A once-a-second view of a running process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -99,11 +100,13 @@ pub async fn run_share(
         .await;
 
     let mut publish_secs = 0.0;
+    let mut publish_requests = 0;
     for (phase, secs) in [
         (Phase::Publish, scenario.duration_secs),
         (Phase::Settle, scenario.settle_secs),
     ] {
         let started = Instant::now();
+        let requests_before = HTTP_REQUESTS.load(Relaxed);
         let _ = phase_tx.send(phase);
         wait(
             Duration::from_secs_f64(secs),
@@ -114,6 +117,7 @@ pub async fn run_share(
         .await;
         if phase == Phase::Publish {
             publish_secs = started.elapsed().as_secs_f64();
+            publish_requests = HTTP_REQUESTS.load(Relaxed) - requests_before;
         }
     }
     let _ = phase_tx.send(Phase::Stop);
@@ -124,6 +128,7 @@ pub async fn run_share(
     tasks.abort_all();
     let mut snap = shared.stats.snapshot(total as usize);
     snap.publish_secs = publish_secs;
+    snap.publish_http_requests = publish_requests;
     snap
 }
 

@@ -153,6 +153,7 @@ impl Stats {
             connect_hist: encode(&connect),
             delivery_hist: encode(&delivery),
             publish_secs: 0.0,
+            publish_http_requests: 0,
         }
     }
 }
@@ -190,6 +191,9 @@ pub struct Snapshot {
     pub delivery_hist: String,
     /// How long publishing lasted, in seconds.
     pub publish_secs: f64,
+    /// HTTP requests answered while publishing (polling; 0 over WebSocket).
+    #[serde(default)]
+    pub publish_http_requests: u64,
 }
 
 fn encode(h: &Histogram<u64>) -> String {
@@ -252,6 +256,7 @@ impl Snapshot {
             *mine = encode(&h);
         }
         self.publish_secs = self.publish_secs.max(o.publish_secs);
+        self.publish_http_requests += o.publish_http_requests;
     }
 
     /// Deliveries owed: every publish to a room, once to each of its members.

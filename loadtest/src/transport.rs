@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -54,6 +55,10 @@ impl ConnError {
         }
     }
 }
+
+/// HTTP requests answered in this process (long-polling GETs and POSTs, handshakes): the
+/// request rate a polling run puts through the server.
+pub static HTTP_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// How long any single handshake step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -364,6 +369,7 @@ async fn exchange(
         Ok(r) => r,
         Err(e) => return (Err(ConnError::Closed(e.to_string())), None),
     };
+    HTTP_REQUESTS.fetch_add(1, Relaxed);
     let keep = !resp
         .headers()
         .get(http::header::CONNECTION)
