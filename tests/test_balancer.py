@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -528,3 +529,65 @@ def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
     assert not any(k.startswith("fleet_balancer_worker_restarts_total") for k in m)
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 0, 5, what="w1 down")
     assert metric(b.metrics(), "fleet_balancer_worker_up", worker="w0") == 1
+
+
+NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
+
+
+def test_socketio_2_clients_with_allow_eio3(closer, tmp_path, redis):
+    """Socket.IO 2.x clients (Engine.IO 3, length-prefixed polling payloads) through the
+    balancer when `socketio.allow_eio3` is on: the tagged handshake parses, polling sessions
+    stay sticky, upgrades are handed off, and rooms span both protocol generations. Off (the
+    default), they are refused 400 as unsupported."""
+    off = start(closer, tmp_path, redis, name="off")
+    r = requests.get(off.url + "/socket.io/?EIO=3&transport=polling", timeout=5)
+    assert r.status_code == 400 and "Unsupported protocol version" in r.text, r.text
+
+    b = start(closer, tmp_path, redis, extra="socketio:\n  allow_eio3: true\n")
+    r = requests.get(b.url + "/socket.io/?EIO=3&transport=polling", timeout=5)
+    length, _, rest = r.text.partition(":")
+    open_packet = rest[:int(length)]  # the length prefix was recomputed for the tagged sid
+    assert open_packet.startswith("0{") and open_packet.endswith("}"), r.text
+    assert "." in json.loads(open_packet[1:])["sid"], r.text
+
+    v5 = closer.add(Client(b.url, ["websocket"])).connect()
+    v5.call("join", "legacy")
+    node = closer.add(_NodeProc(["node", "v2_clients.js", b.url, "12"]))
+    ready = node.line("ready")
+    assert set(ready["workers"]) == {"w0", "w1", "w2"}, ready
+    assert ready["transports"] == ["websocket", "polling"] * 6, ready
+    assert all("." in sid for sid in ready["engine_ids"]), ready
+    v5.call("publish", {"room": "legacy", "data": "from-v5"})
+    done = node.line("done")
+    assert done["transports"] == ready["transports"]
+    wait_until(lambda: "from-v2" in v5.data_received(), 5, what="the v2 client's publish reached a v5 client")
+    assert node.proc.wait(10) == 0
+    m = b.metrics()
+    assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="passed") == 6 + 1
+    assert metric(m, "fleet_balancer_sticky_rejects_total") == 0
+
+
+class _NodeProc:
+    """A node script whose stdout is JSON lines."""
+
+    def __init__(self, args):
+        self.proc = subprocess.Popen(args, cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def line(self, key, timeout=25):
+        # The script exits on its own after 20 s, so readline cannot block past that.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.proc.stdout.readline()
+            if not text:
+                raise AssertionError(f"node exited before {key!r}")
+            if text.startswith("{"):
+                msg = json.loads(text)
+                assert "error" not in msg, msg
+                if key in msg:
+                    return msg
+        raise AssertionError(f"no {key!r} line")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)

@@ -186,6 +186,10 @@ pub struct SocketIoConfig {
     /// open WebSocket holds one. Default 1024.
     #[serde(default = "defaults::ws_read_buffer_bytes")]
     pub ws_read_buffer_bytes: usize,
+    /// Also accept Engine.IO 3 clients (Socket.IO 2.x client libraries), as Node's
+    /// `allowEIO3`. Default false: they are answered 400 "Unsupported protocol version".
+    #[serde(default)]
+    pub allow_eio3: bool,
 }
 
 mod defaults {

@@ -31,6 +31,8 @@ pub struct HttpCtx {
     pub io: SocketIo<FleetAdapter>,
     /// Engine.IO path, without trailing slash.
     pub sio_path: String,
+    /// Whether Engine.IO 3 clients are served (`socketio.allow_eio3`).
+    pub allow_eio3: bool,
     /// Drain state at the edge.
     pub gate: Arc<DrainGate>,
     /// Open connections.
@@ -106,6 +108,10 @@ fn own_head<B>(req: Request<B>) -> Request<B> {
 async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Response<Body> {
     // A query that does not parse is forwarded as is: socketioxide answers it.
     let q = eio_query::parse(req.uri().query()).unwrap_or_default();
+    if q.eio.as_deref() == Some("3") && !ctx.allow_eio3 {
+        // engineioxide is built with EIO3 support; it is offered only when configured.
+        return json(StatusCode::BAD_REQUEST, UNSUPPORTED_PROTOCOL);
+    }
     let _inflight = ctx.gate.enter();
     let Some(sid) = q.sid.as_deref() else {
         if ctx.gate.is_draining() {
@@ -151,6 +157,17 @@ fn session_closed() -> Response<Body> {
         "text/plain",
         "worker draining: session closed, reconnect\n".into(),
     )
+}
+
+/// engineioxide's own answer to a protocol version it does not serve.
+const UNSUPPORTED_PROTOCOL: &str = r#"{"code":5,"message":"Unsupported protocol version"}"#;
+
+fn json(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .expect("static headers are valid")
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {

@@ -138,6 +138,7 @@ pub async fn run(
         sio: svc,
         io: io.clone(),
         sio_path: sio.path.trim_end_matches('/').to_owned(),
+        allow_eio3: sio.allow_eio3,
         gate: Arc::clone(&gate),
         registry,
         readiness,
