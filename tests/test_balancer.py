@@ -591,3 +591,51 @@ class _NodeProc:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def test_worker_count_follows_the_fleet_file(closer, tmp_path, redis):
+    """Edit workers.count in the fleet file and the running balancer resizes: a new worker
+    starts and takes sessions; surplus workers leave placement, drain and stop, their clients
+    reconnect to the others while the rest never notice; a broken edit is refused with its line
+    and the fleet runs on."""
+    b = start(closer, tmp_path, redis)
+    clients = [closer.add(Client(b.url, ["websocket"] if i % 2 else ["polling"], reconnection=True)).connect()
+               for i in range(30)]
+
+    def set_count(n):
+        text = b.config.read_text()
+        b.config.write_text(re.sub(r"(?m)^  count: .*$", f"  count: {n}", text))
+
+    def sd_workers():
+        return sorted(g["labels"]["worker"] for g in requests.get(b.admin + "/sd", timeout=2).json())
+
+    set_count(4)
+    wait_until(lambda: sd_workers() == ["w0", "w1", "w2", "w3"], 10, what="w3 listed")
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w3") == 1, 5, what="w3 up")
+    # w3 holds nothing yet, so bounded-load placement sends new sessions its way.
+    fresh = [closer.add(Client(b.url, ["polling"])).connect() for _ in range(10)]
+    assert "w3" in {c.call("whoami")["worker"] for c in fresh}
+    for c in fresh:
+        c.close()
+
+    where = {c: c.call("whoami")["worker"] for c in clients}
+    stay = [c for c in clients if where[c] in ("w0", "w1")]
+    moved = [c for c in clients if where[c] not in ("w0", "w1")]
+    assert stay and moved
+    set_count(2)
+    wait_until(lambda: sd_workers() == ["w0", "w1"], 10, what="w2, w3 out of /sd")
+    wait_until(lambda: all(c.connects >= 2 for c in moved), 15, interval=0.1, what="their clients reconnected")
+    wait_until(lambda: all(c.call("whoami", timeout=2)["worker"] in ("w0", "w1") for c in moved), 10,
+               what="placed on the remaining workers")
+    assert_untouched(stay)
+    for i in (2, 3):
+        wait_until(lambda i=i: not port_open(b.base_port + i), 10, what=f"w{i} stopped")
+    m = b.metrics()
+    assert not any(k.startswith("fleet_balancer_worker_up") and ('"w2"' in k or '"w3"' in k) for k in m), m
+    assert metric(m, "fleet_balancer_worker_restarts_total") == 0  # retired, not crashed
+
+    b.config.write_text(b.config.read_text().replace("  count: 2", "  count: many"))
+    wait_until(lambda: "fleet file changed but is refused" in b.output(), 10, what="the bad edit reported")
+    assert re.search(r"\.yaml:\d+: key `workers.count`", b.output()), b.output()[-2000:]
+    assert sd_workers() == ["w0", "w1"]
+    assert all(c.call("echo", 3) == 3 for c in stay)

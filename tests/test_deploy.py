@@ -3,6 +3,7 @@ and agree with the binaries; the shipped Prometheus config, run for real against
 finds the balancer and every worker."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,7 +46,11 @@ def test_compose_files_are_consistent(name):
         for v in s.get("volumes", []):
             assert (DEPLOY / v.split(":")[0]).exists(), v
     fleet = services["fleet"]
-    mounted = DEPLOY / fleet["volumes"][0].split(":")[0]
+    # The fleet file the balancer is given, found on the host through its mount (a file, or
+    # the directory holding it, so that edits made by renaming a new file are seen).
+    src, dst = fleet["volumes"][0].split(":")[:2]
+    inside = fleet["command"][fleet["command"].index("--config") + 1]
+    mounted = DEPLOY / src / os.path.relpath(inside, dst) if inside != dst else DEPLOY / src
     cfg = yaml.safe_load(mounted.read_text())
     env = fleet.get("environment", {})
     listen = env.get("FLEET_LISTEN", cfg.get("listen", "0.0.0.0:8080"))

@@ -11,7 +11,8 @@
 //! - [`sticky`]: pure codecs: tags, the open packet rewrite, the query string.
 //! - [`upstreams`]: workers, their tags and loads, and placement policies.
 //! - [`discovery`]: which workers exist; [`health`]: `/readyz` checks;
-//!   [`load_poll`]: worker loads; [`supervisor`]: worker processes; [`admin`]: own endpoints.
+//!   [`load_poll`]: worker loads; [`supervisor`]: worker processes; [`resize`]: the fleet
+//!   file followed while running; [`admin`]: own endpoints.
 //! - [`metrics`]: the balancer's metrics.
 #![warn(missing_docs)]
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod raw_http;
 pub mod rejections;
+pub mod resize;
 pub mod sticky;
 pub mod supervisor;
 pub mod upstreams;
@@ -43,6 +45,7 @@ use pingora_core::services::listening::Service;
 use pingora_load_balancing::selection::Consistent;
 use pingora_load_balancing::{Backends, LoadBalancer};
 use shared::FleetConfig;
+use tokio::sync::watch;
 
 /// A pingora server running the whole balancer for `cfg` (read from `config_path`).
 pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
@@ -56,7 +59,12 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     server.bootstrap();
 
     let interval = Duration::from_millis(cfg.balancer.health_check_interval_ms);
-    let backends = Backends::new(Box::new(discovery::HostsDiscovery::from_config(cfg)));
+    // The live worker count: what the supervisor runs, and what placement sees (see `resize`).
+    let (spawned, spawned_rx) = watch::channel(cfg.workers.count);
+    let (routed, routed_rx) = watch::channel(cfg.workers.count);
+    let backends = Backends::new(Box::new(discovery::HostsDiscovery::from_config(
+        cfg, routed_rx,
+    )));
     let mut lb = LoadBalancer::<Consistent>::from_backends(backends);
     lb.set_health_check(health::readyz_check(cfg));
     lb.health_check_frequency = Some(interval);
@@ -69,7 +77,16 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     let lb_service = background_service("worker health", lb);
     let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
     let handoff = cfg.spawns_workers() && cfg.workers.handoff;
-    metrics::METRICS.init_series(upstreams.named_labels(), cfg.spawns_workers(), handoff);
+    let indexed = cfg.workers.upstreams.is_empty() && cfg.workers.discover.is_none();
+    let named: Vec<String> = match indexed {
+        true => (0..cfg.workers.count).map(FleetConfig::worker_id).collect(),
+        false => Vec::new(),
+    };
+    metrics::METRICS.init_series(
+        named.iter().map(String::as_str),
+        cfg.spawns_workers(),
+        handoff,
+    );
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
     let handoffs = Arc::new(handoff::Handoffs::default());
 
@@ -103,7 +120,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     let poller = background_service(
         "worker loads",
         load_poll::LoadPoller {
-            upstreams,
+            upstreams: Arc::clone(&upstreams),
             every: interval,
         },
     );
@@ -111,9 +128,24 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     if cfg.spawns_workers() {
         server.add_service(background_service(
             "workers",
-            supervisor::Supervisor::new(cfg, config_path, handoff.then_some(handoffs)),
+            supervisor::Supervisor::new(
+                cfg,
+                config_path.clone(),
+                spawned_rx,
+                handoff.then_some(handoffs),
+            ),
         ));
     }
+    server.add_service(background_service(
+        "fleet file",
+        resize::Resizer {
+            path: config_path,
+            running: cfg.clone(),
+            spawned,
+            routed,
+            upstreams: Arc::clone(&upstreams),
+        },
+    ));
     server.add_service(lb_service);
     server.add_service(poller);
     server.add_service(admin);

@@ -1,6 +1,7 @@
 //! Worker loads for bounded placement: each worker's `fleet_worker_connections`, read from its
 //! `/metrics` every health interval, so replicas of the balancer see the same loads.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +27,12 @@ pub struct LoadPoller {
 impl BackgroundService for LoadPoller {
     async fn start(&self, shutdown: ShutdownWatch) {
         let mut shutdown = Shutdown::from_watch(shutdown);
+        let mut shown = HashSet::new();
         loop {
+            let mut now = HashSet::new();
             for (addr, healthy) in self.upstreams.workers() {
                 let label = self.upstreams.label(&addr);
+                now.insert(label.clone());
                 METRICS
                     .worker_up
                     .with_label_values(&[label.as_str()])
@@ -37,6 +41,11 @@ impl BackgroundService for LoadPoller {
                     self.upstreams.load(&addr).set_polled(n);
                 }
             }
+            // A worker gone from the fleet (resized away) is not "down": drop its series.
+            for gone in shown.difference(&now) {
+                let _ = METRICS.worker_up.remove_label_values(&[gone.as_str()]);
+            }
+            shown = now;
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
                 _ = shutdown.recv() => return,

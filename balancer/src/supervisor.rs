@@ -1,7 +1,9 @@
 //! The worker supervisor (Node's `cluster.fork`, supervised): runs `workers.count` worker
 //! processes, prefixes their log lines with the worker id, restarts a crashed one with capped
-//! backoff, and on shutdown lets every worker drain, then ends them. Each worker process gets
-//! its own handoff channel (see `handoff`), opened as it starts and closed as it ends.
+//! backoff, and on shutdown lets every worker drain, then ends them. The count may change
+//! while running (`resize`): new workers start, surplus ones drain and stop. Each worker
+//! process gets its own handoff channel (see `handoff`), opened as it starts and closed as it
+//! ends.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -10,11 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use shared::{Backoff, FleetConfig, Shutdown};
+use shared::{Backoff, FleetConfig, Shutdown, ShutdownTrigger};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 use crate::handoff::Handoffs;
 use crate::metrics::METRICS;
@@ -28,8 +33,8 @@ pub struct Supervisor {
     pub config_path: PathBuf,
     /// Program and leading arguments of a worker.
     pub command: Vec<String>,
-    /// How many workers.
-    pub count: u32,
+    /// How many workers: the fleet file's count, followed as it changes.
+    pub count: watch::Receiver<u32>,
     /// How long a worker may take to drain before it is killed.
     pub drain_limit: Duration,
     /// Where the handoff channels go, when WebSockets are handed to workers.
@@ -40,7 +45,12 @@ impl Supervisor {
     /// The supervisor for a fleet file, running the configured command or the `worker`
     /// binary next to this executable, and opening a handoff channel per worker process in
     /// `handoffs` when given.
-    pub fn new(cfg: &FleetConfig, config_path: PathBuf, handoffs: Option<Arc<Handoffs>>) -> Self {
+    pub fn new(
+        cfg: &FleetConfig,
+        config_path: PathBuf,
+        count: watch::Receiver<u32>,
+        handoffs: Option<Arc<Handoffs>>,
+    ) -> Self {
         let command = cfg.workers.command.clone().unwrap_or_else(|| {
             let exe = std::env::current_exe().ok();
             let dir = exe
@@ -53,7 +63,7 @@ impl Supervisor {
         Supervisor {
             config_path,
             command,
-            count: cfg.workers.count,
+            count,
             drain_limit: cfg.workers.drain_window() + Duration::from_secs(3),
             handoffs,
         }
@@ -106,8 +116,8 @@ impl Supervisor {
         Ok(child)
     }
 
-    /// Keep worker `index` running until shutdown; then drain it.
-    async fn keep_running(&self, index: u32, mut shutdown: Shutdown) {
+    /// Keep worker `index` running until shutdown or until it is retired; then drain it.
+    async fn keep_running(&self, index: u32, mut shutdown: Shutdown, mut retire: Shutdown) {
         let id = FleetConfig::worker_id(index);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
@@ -119,6 +129,7 @@ impl Supervisor {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => continue,
                         _ = shutdown.recv() => return,
+                        _ = retire.recv() => return,
                     }
                 }
             };
@@ -126,6 +137,7 @@ impl Supervisor {
             let status = tokio::select! {
                 s = child.wait() => s,
                 _ = shutdown.recv() => return self.stop(index, child).await,
+                _ = retire.recv() => return self.stop(index, child).await,
             };
             self.exited(index);
             METRICS.restarts.with_label_values(&[id.as_str()]).inc();
@@ -137,6 +149,7 @@ impl Supervisor {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.recv() => return,
+                _ = retire.recv() => return,
             }
         }
     }
@@ -169,9 +182,32 @@ impl Supervisor {
 #[async_trait]
 impl BackgroundService for Supervisor {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let shutdown = Shutdown::from_watch(shutdown);
-        let all = (0..self.count).map(|i| self.keep_running(i, shutdown.clone()));
-        futures::future::join_all(all).await;
+        let mut shutdown = Shutdown::from_watch(shutdown);
+        let mut count = self.count.clone();
+        // One retire trigger per running index; the last ones go first when the count drops.
+        let mut running: Vec<ShutdownTrigger> = Vec::new();
+        let mut workers = FuturesUnordered::new();
+        loop {
+            let want = *count.borrow_and_update();
+            while (running.len() as u32) < want {
+                let (retire, retired) = shared::shutdown::channel();
+                let index = running.len() as u32;
+                workers.push(self.keep_running(index, shutdown.clone(), retired));
+                running.push(retire);
+            }
+            while (running.len() as u32) > want {
+                let retire = running.pop().expect("more running than wanted");
+                tracing::info!(worker = %FleetConfig::worker_id(running.len() as u32), "retiring worker: fleet resized");
+                retire.trigger();
+            }
+            tokio::select! {
+                changed = count.changed() => if changed.is_err() { break },
+                _ = shutdown.recv() => break,
+                Some(()) = workers.next(), if !workers.is_empty() => {}
+            }
+        }
+        // Every worker sees the shutdown too: wait for them all to drain.
+        while workers.next().await.is_some() {}
     }
 }
 

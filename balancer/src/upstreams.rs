@@ -61,10 +61,11 @@ pub struct Upstreams {
 impl Upstreams {
     /// Wrap a load balancer with the fleet's stickiness and placement settings.
     pub fn new(lb: Arc<LoadBalancer<Consistent>>, cfg: &FleetConfig) -> Self {
-        // Workers named by index get `w<i>` labels; discovered ones are labelled by address.
+        // Workers named by index get `w<i>` labels (for every index a resize may bring);
+        // discovered ones are labelled by address.
         let mut labels = HashMap::new();
         if cfg.workers.upstreams.is_empty() && cfg.workers.discover.is_none() {
-            for i in 0..cfg.workers.count {
+            for i in 0..shared::config::MAX_WORKERS {
                 if let Ok(addr) = cfg.worker_addr(i).parse() {
                     labels.insert(addr, FleetConfig::worker_id(i));
                 }
@@ -92,11 +93,6 @@ impl Upstreams {
             .get(addr)
             .cloned()
             .unwrap_or_else(|| addr.to_string())
-    }
-
-    /// The labels of the workers named by index (`w0`, `w1`, …); none for discovered ones.
-    pub fn named_labels(&self) -> impl Iterator<Item = &str> {
-        self.labels.values().map(String::as_str)
     }
 
     /// A worker's sticky tag: from its address, which every balancer sees alike.

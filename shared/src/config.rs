@@ -162,6 +162,9 @@ pub struct WorkersConfig {
     pub discover: Option<String>,
 }
 
+/// The most workers a fleet may have (`workers.count`).
+pub const MAX_WORKERS: u32 = 1024;
+
 /// `socketio:` section.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -402,7 +405,7 @@ impl FleetConfig {
     /// Check the values serde cannot: ranges and relations between keys.
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let w = &self.workers;
-        if !(1..=1024).contains(&w.count) {
+        if !(1..=MAX_WORKERS).contains(&w.count) {
             return Err((
                 "workers.count",
                 format!("must be 1 to 1024, got {}", w.count),
