@@ -639,3 +639,13 @@ def test_worker_count_follows_the_fleet_file(closer, tmp_path, redis):
     assert re.search(r"\.yaml:\d+: key `workers.count`", b.output()), b.output()[-2000:]
     assert sd_workers() == ["w0", "w1"]
     assert all(c.call("echo", 3) == 3 for c in stay)
+
+    # Back up to 3: w2 starts afresh, takes sessions, and WebSockets are handed to it.
+    b.config.write_text(b.config.read_text().replace("  count: many", "  count: 3"))
+    wait_until(lambda: sd_workers() == ["w0", "w1", "w2"], 10, what="w2 back")
+    wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w2") == 1, 5, what="w2 up")
+    passed = metric(b.metrics(), "fleet_balancer_websocket_handoffs_total", outcome="passed")
+    ws = [closer.add(Client(b.url, ["websocket"])).connect() for _ in range(6)]
+    assert "w2" in {c.call("whoami")["worker"] for c in ws}
+    assert metric(b.metrics(), "fleet_balancer_websocket_handoffs_total", outcome="passed") == passed + 6
+    wait_gauge_matches_clients(b, [c for c in clients + ws if c.transport() == "websocket"])

@@ -32,11 +32,11 @@ pub struct Handoffs {
 
 impl Handoffs {
     /// A fresh channel to worker `label` (replacing any earlier one). Returns the worker's
-    /// end, for the child process to inherit.
+    /// end, for the child process to inherit, and the channel, to `close` it by.
     ///
     /// # Errors
     /// No descriptors left.
-    pub fn open(&self, label: &str) -> io::Result<OwnedFd> {
+    pub fn open(&self, label: &str) -> io::Result<(OwnedFd, Arc<Channel>)> {
         let (sock, theirs) = handoff::pair()?;
         let channel = Arc::new(Channel {
             sock,
@@ -51,17 +51,24 @@ impl Handoffs {
             .channels
             .write()
             .unwrap()
-            .insert(label.to_owned(), (channel, reader));
+            .insert(label.to_owned(), (Arc::clone(&channel), reader));
         if let Some((old, old_reader)) = old {
             old_reader.abort();
             old.settle();
         }
-        Ok(theirs)
+        Ok((theirs, channel))
     }
 
-    /// Worker `label` exited: its connections are gone, and so is its channel.
-    pub fn close(&self, label: &str) {
-        if let Some((channel, reader)) = self.channels.write().unwrap().remove(label) {
+    /// The worker process behind `channel` exited: its connections are gone, and so is its
+    /// channel. (A worker of the same label started since, after a quick resize down and up,
+    /// keeps its own.)
+    pub fn close(&self, label: &str, channel: &Arc<Channel>) {
+        let mut channels = self.channels.write().unwrap();
+        if channels
+            .get(label)
+            .is_some_and(|(current, _)| Arc::ptr_eq(current, channel))
+            && let Some((channel, reader)) = channels.remove(label)
+        {
             reader.abort();
             channel.settle();
         }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::handoff::Handoffs;
+use crate::handoff::{Channel, Handoffs};
 use crate::metrics::METRICS;
 
 /// A worker that ran this long before dying is restarted without waiting.
@@ -69,7 +69,8 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self, index: u32) -> std::io::Result<Child> {
+    /// Starts worker `index`; with its handoff channel, when WebSockets are handed off.
+    fn spawn(&self, index: u32) -> std::io::Result<(Child, Option<Arc<Channel>>)> {
         let id = FleetConfig::worker_id(index);
         let mut cmd = Command::new(&self.command[0]);
         cmd.args(&self.command[1..])
@@ -87,7 +88,7 @@ impl Supervisor {
             Some(handoffs) => Some(handoffs.open(&id)?),
             None => None,
         };
-        let inherit = channel.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+        let inherit = channel.as_ref().map_or(-1, |(fd, _)| fd.as_raw_fd());
         if inherit >= 0 {
             cmd.env(shared::handoff::FD_ENV, inherit.to_string());
         }
@@ -105,7 +106,10 @@ impl Supervisor {
         }
         let spawned = cmd.spawn();
         // The child has its copy (or failed to start); ours would keep the channel half-open.
-        drop(channel);
+        let channel = channel.map(|(theirs, channel)| {
+            drop(theirs);
+            channel
+        });
         let mut child = spawned?;
         if let Some(out) = child.stdout.take() {
             tokio::spawn(prefix_lines(id.clone(), out));
@@ -113,7 +117,7 @@ impl Supervisor {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(prefix_lines(id, err));
         }
-        Ok(child)
+        Ok((child, channel))
     }
 
     /// Keep worker `index` running until shutdown or until it is retired; then drain it.
@@ -122,7 +126,7 @@ impl Supervisor {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let started = Instant::now();
-            let mut child = match self.spawn(index) {
+            let (mut child, channel) = match self.spawn(index) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(worker = %id, command = ?self.command, "cannot start worker: {e}");
@@ -136,10 +140,10 @@ impl Supervisor {
             tracing::info!(worker = %id, pid = child.id(), "worker started");
             let status = tokio::select! {
                 s = child.wait() => s,
-                _ = shutdown.recv() => return self.stop(index, child).await,
-                _ = retire.recv() => return self.stop(index, child).await,
+                _ = shutdown.recv() => return self.stop(index, child, channel).await,
+                _ = retire.recv() => return self.stop(index, child, channel).await,
             };
-            self.exited(index);
+            self.exited(index, channel);
             METRICS.restarts.with_label_values(&[id.as_str()]).inc();
             if started.elapsed() > HEALTHY_RUN {
                 backoff.reset();
@@ -155,14 +159,14 @@ impl Supervisor {
     }
 
     /// Worker `index` is gone, and every connection handed to it with it.
-    fn exited(&self, index: u32) {
-        if let Some(handoffs) = &self.handoffs {
-            handoffs.close(&FleetConfig::worker_id(index));
+    fn exited(&self, index: u32, channel: Option<Arc<Channel>>) {
+        if let (Some(handoffs), Some(channel)) = (&self.handoffs, channel) {
+            handoffs.close(&FleetConfig::worker_id(index), &channel);
         }
     }
 
     /// SIGTERM (the worker drains), then SIGKILL if it outlives its drain window.
-    async fn stop(&self, index: u32, mut child: Child) {
+    async fn stop(&self, index: u32, mut child: Child, channel: Option<Arc<Channel>>) {
         let id = FleetConfig::worker_id(index);
         if let Some(pid) = child.id() {
             // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
@@ -175,7 +179,7 @@ impl Supervisor {
                 let _ = child.kill().await;
             }
         }
-        self.exited(index);
+        self.exited(index, channel);
     }
 }
 
