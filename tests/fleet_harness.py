@@ -5,6 +5,7 @@ every wait is bounded (wait_until), never a bare sleep.
 """
 
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -20,19 +21,33 @@ LOG_DIR = Path(os.environ.get("FLEET_TEST_LOGS", "/tmp/fleet-test-logs"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
 
 
+def _listen_ports():
+    """Ports to listen on: below the kernel's ephemeral range, so that no client connection
+    can take one between choosing it and binding it (a worker started later, by a restart or
+    a resize, binds its port seconds after the test chose it)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    return range(max(ephemeral_low - 12000, 1024), ephemeral_low)
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_range(1)
+
+
+_handed_out = set()  # never the same port twice in one run: it may not be bound yet
 
 
 def free_port_range(n):
     """n consecutive free ports (for workers.base_port)."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65000:
-            continue
-        if all(_bindable(base + i) for i in range(n)):
+    ports = _listen_ports()
+    for _ in range(500):
+        base = random.randrange(ports.start, ports.stop - n)
+        chosen = set(range(base, base + n))
+        if not chosen & _handed_out and all(_bindable(p) for p in chosen):
+            _handed_out.update(chosen)
             return base
     raise RuntimeError("no free port range")
 

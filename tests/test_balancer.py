@@ -598,7 +598,7 @@ def test_worker_count_follows_the_fleet_file(closer, tmp_path, redis):
     starts and takes sessions; surplus workers leave placement, drain and stop, their clients
     reconnect to the others while the rest never notice; a broken edit is refused with its line
     and the fleet runs on."""
-    b = start(closer, tmp_path, redis)
+    b = start(closer, tmp_path, redis, base_port=free_port_range(4))  # room for w3
     clients = [closer.add(Client(b.url, ["websocket"] if i % 2 else ["polling"], reconnection=True)).connect()
                for i in range(30)]
 
