@@ -77,10 +77,10 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     let lb_service = background_service("worker health", lb);
     let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
     let handoff = cfg.spawns_workers() && cfg.workers.handoff;
-    let indexed = cfg.workers.upstreams.is_empty() && cfg.workers.discover.is_none();
-    let named: Vec<String> = match indexed {
-        true => (0..cfg.workers.count).map(FleetConfig::worker_id).collect(),
-        false => Vec::new(),
+    let named: Vec<String> = if cfg.indexed_workers() {
+        (0..cfg.workers.count).map(FleetConfig::worker_id).collect()
+    } else {
+        Vec::new()
     };
     metrics::METRICS.init_series(
         named.iter().map(String::as_str),

@@ -56,14 +56,19 @@ impl BackgroundService for LoadPoller {
 
 /// `fleet_worker_connections` from a worker's `/metrics`, or None if it does not answer.
 async fn connections(addr: SocketAddr, limit: Duration) -> Option<i64> {
+    parse_connections(&get(addr, "/metrics", limit).await?)
+}
+
+/// A worker's whole answer (head and body, at most 1 MiB) to `GET path`, or None when it does
+/// not answer within `limit`.
+pub async fn get(addr: SocketAddr, path: &str, limit: Duration) -> Option<String> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: fleet-worker\r\n\r\n")
-            .await
-            .ok()?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: fleet-worker\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::with_capacity(16 * 1024);
         s.take(1 << 20).read_to_end(&mut buf).await.ok()?;
-        parse_connections(&String::from_utf8_lossy(&buf))
+        Some(String::from_utf8_lossy(&buf).into_owned())
     };
     tokio::time::timeout(limit, fetch).await.ok().flatten()
 }

@@ -14,9 +14,9 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use shared::{FleetConfig, Shutdown};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::load_poll;
 use crate::metrics::METRICS;
 use crate::upstreams::Upstreams;
 
@@ -75,7 +75,7 @@ impl BackgroundService for Resizer {
             if cfg.workers.count == applied {
                 continue;
             }
-            if !indexed(&self.running) {
+            if !self.running.indexed_workers() {
                 tracing::warn!(
                     "workers.count changed, but this balancer's workers come from `upstreams` or `discover`: nothing to resize"
                 );
@@ -129,12 +129,6 @@ impl Resizer {
     }
 }
 
-/// Workers named by index (`count` of them at `host:base_port+i`), the only kind a count
-/// resizes.
-fn indexed(cfg: &FleetConfig) -> bool {
-    cfg.workers.upstreams.is_empty() && cfg.workers.discover.is_none()
-}
-
 /// The sections of `new` that differ from `running`, `workers.count` aside.
 fn needs_restart(running: &FleetConfig, new: &FleetConfig) -> Vec<&'static str> {
     let mut workers = new.workers.clone();
@@ -158,20 +152,9 @@ fn needs_restart(running: &FleetConfig, new: &FleetConfig) -> Vec<&'static str> 
 
 /// Whether the worker at `addr` answers `/readyz` with 200 within `limit`.
 async fn ready(addr: SocketAddr, limit: Duration) -> bool {
-    let check = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: fleet-worker\r\n\r\n")
-            .await
-            .ok()?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
-    };
-    tokio::time::timeout(limit, check)
+    load_poll::get(addr, "/readyz", limit)
         .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        .is_some_and(|answer| answer.split_whitespace().nth(1) == Some("200"))
 }
 
 #[cfg(test)]

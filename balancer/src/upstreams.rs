@@ -64,7 +64,7 @@ impl Upstreams {
         // Workers named by index get `w<i>` labels (for every index a resize may bring);
         // discovered ones are labelled by address.
         let mut labels = HashMap::new();
-        if cfg.workers.upstreams.is_empty() && cfg.workers.discover.is_none() {
+        if cfg.indexed_workers() {
             for i in 0..shared::config::MAX_WORKERS {
                 if let Ok(addr) = cfg.worker_addr(i).parse() {
                     labels.insert(addr, FleetConfig::worker_id(i));

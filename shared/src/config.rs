@@ -565,7 +565,13 @@ impl WorkersConfig {
 impl FleetConfig {
     /// True when the balancer runs the workers itself.
     pub fn spawns_workers(&self) -> bool {
-        self.workers.spawn && self.workers.upstreams.is_empty() && self.workers.discover.is_none()
+        self.workers.spawn && self.indexed_workers()
+    }
+
+    /// True when the workers are the `workers.count` at `host:base_port+i` (spawned or not),
+    /// not a list (`upstreams`) or a DNS name (`discover`).
+    pub fn indexed_workers(&self) -> bool {
+        self.workers.upstreams.is_empty() && self.workers.discover.is_none()
     }
 
     /// The balancer's grace period on SIGTERM.

@@ -8,8 +8,8 @@ pub struct EioParams {
     pub sid: Option<String>,
     /// `polling` or `websocket`.
     pub transport: Option<String>,
-    /// The Engine.IO protocol version (`EIO`), as sent.
-    pub eio: Option<String>,
+    /// The Engine.IO protocol version (`EIO`), when it is a number.
+    pub eio: Option<u8>,
 }
 
 /// Why a query could not be read.
@@ -36,7 +36,7 @@ pub fn parse(query: Option<&str>) -> Result<EioParams, QueryError> {
                 out.sid = Some(decode(value)?);
             }
             "transport" => out.transport = Some(decode(value)?),
-            "EIO" => out.eio = Some(decode(value)?),
+            "EIO" => out.eio = value.parse().ok(),
             _ => {}
         }
     }

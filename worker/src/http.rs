@@ -108,9 +108,13 @@ fn own_head<B>(req: Request<B>) -> Request<B> {
 async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Response<Body> {
     // A query that does not parse is forwarded as is: socketioxide answers it.
     let q = eio_query::parse(req.uri().query()).unwrap_or_default();
-    if q.eio.as_deref() == Some("3") && !ctx.allow_eio3 {
+    if q.eio == Some(3) && !ctx.allow_eio3 {
         // engineioxide is built with EIO3 support; it is offered only when configured.
-        return json(StatusCode::BAD_REQUEST, UNSUPPORTED_PROTOCOL);
+        return text(
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            UNSUPPORTED_PROTOCOL.into(),
+        );
     }
     let _inflight = ctx.gate.enter();
     let Some(sid) = q.sid.as_deref() else {
@@ -161,14 +165,6 @@ fn session_closed() -> Response<Body> {
 
 /// engineioxide's own answer to a protocol version it does not serve.
 const UNSUPPORTED_PROTOCOL: &str = r#"{"code":5,"message":"Unsupported protocol version"}"#;
-
-fn json(status: StatusCode, body: &'static str) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
-        .expect("static headers are valid")
-}
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     Response::builder()
