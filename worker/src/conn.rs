@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::handoff::CloseReport;
+
 /// Every open connection, and the Engine.IO session bound to it when it carries a WebSocket.
 #[derive(Default)]
 pub struct ConnRegistry {
@@ -73,7 +75,14 @@ impl ConnRegistry {
             registry: Arc::clone(self),
             _permit: permit,
         };
-        (ConnId(id), Tracked { _guard: guard, io })
+        let tracked = Tracked {
+            _guard: guard,
+            _closed: None,
+            head: Vec::new(),
+            head_read: 0,
+            io,
+        };
+        (ConnId(id), tracked)
     }
 
     /// Record that connection `id` carries the WebSocket of session `sid`.
@@ -130,11 +139,25 @@ impl Drop for ConnGuard {
     }
 }
 
-/// A registered connection's stream; reads and writes go straight through.
+/// A registered connection's stream; reads and writes go straight through (after the request
+/// head of a handed-over connection).
 pub struct Tracked<T> {
     // Declared first, so dropped first: the registry forgets the descriptor before it closes.
     _guard: ConnGuard,
+    _closed: Option<CloseReport>,
+    head: Vec<u8>,
+    head_read: usize,
     io: T,
+}
+
+impl<T> Tracked<T> {
+    /// A connection the balancer handed over: `head` (what it read of the first request) is
+    /// read before the socket, and `closed` reports the connection's end to the balancer.
+    pub fn handed_over(mut self, head: Vec<u8>, closed: CloseReport) -> Self {
+        self.head = head;
+        self._closed = Some(closed);
+        self
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
@@ -143,7 +166,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.head_read < this.head.len() {
+            let rest = &this.head[this.head_read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.head_read += n;
+            if this.head_read == this.head.len() {
+                this.head = Vec::new();
+                this.head_read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 

@@ -3,13 +3,10 @@
 //! one; when it ends, the balancer is told, so its gauge of open WebSockets stays true.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use shared::handoff;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixDatagram};
 use tokio::sync::Notify;
 
@@ -43,10 +40,9 @@ impl HandoffChannel {
             match received.fd.map(adopt) {
                 Some(Ok(stream)) => {
                     return Ok(HandedOff {
-                        head: received.head,
-                        head_read: 0,
                         stream,
-                        closed: Arc::clone(&self.closed),
+                        head: received.head,
+                        closed: CloseReport(Arc::clone(&self.closed)),
                     });
                 }
                 Some(Err(e)) => tracing::warn!("a handed-over connection is unusable: {e}"),
@@ -90,75 +86,23 @@ async fn report_closed(sock: Arc<UnixDatagram>, closed: Arc<ClosedNotes>) {
     }
 }
 
-/// A handed-over client connection: reads give the request head first, then the socket.
+/// A handed-over client connection: its socket, and the request head the balancer already
+/// read from it (to be read first: see `conn::Tracked::handed_over`).
 pub struct HandedOff {
-    head: Vec<u8>,
-    head_read: usize,
-    stream: TcpStream,
-    closed: Arc<ClosedNotes>,
+    /// The client's socket.
+    pub stream: TcpStream,
+    /// The request head, as the balancer rewrote it.
+    pub head: Vec<u8>,
+    /// Tells the balancer when the connection is gone.
+    pub closed: CloseReport,
 }
 
-impl std::os::fd::AsRawFd for HandedOff {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.stream.as_raw_fd()
-    }
-}
+/// Reports its connection closed to the balancer when dropped.
+pub struct CloseReport(Arc<ClosedNotes>);
 
-impl Drop for HandedOff {
+impl Drop for CloseReport {
     fn drop(&mut self) {
-        self.closed.note();
-    }
-}
-
-impl AsyncRead for HandedOff {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.head_read < this.head.len() {
-            let rest = &this.head[this.head_read..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.head_read += n;
-            if this.head_read == this.head.len() {
-                this.head = Vec::new();
-                this.head_read = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for HandedOff {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        self.0.note();
     }
 }
 
@@ -182,7 +126,10 @@ mod tests {
             .unwrap();
         drop(accepted);
 
-        let mut conn = channel.accept().await.unwrap();
+        let handed = channel.accept().await.unwrap();
+        let registry = Arc::new(crate::conn::ConnRegistry::default());
+        let (_, conn) = registry.wrap(handed.stream, None);
+        let mut conn = conn.handed_over(handed.head, handed.closed);
         client.write_all(b"body").await.unwrap();
         let mut got = [0u8; 9];
         conn.read_exact(&mut got).await.unwrap();

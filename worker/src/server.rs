@@ -10,11 +10,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use shared::{Backoff, Shutdown};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::handoff::{HandedOff, HandoffChannel};
+use crate::handoff::{CloseReport, HandedOff, HandoffChannel};
 use crate::http::{HttpCtx, handle};
 
 /// Headers must arrive within this time, or the connection is dropped.
@@ -41,7 +40,7 @@ pub async fn serve(
                 Ok((stream, _peer)) => {
                     backoff.reset();
                     let _ = stream.set_nodelay(true);
-                    serve_one(&ctx, stream, permit);
+                    serve_one(&ctx, stream, None, permit);
                 }
                 Err(e) => {
                     // EMFILE and friends: pause instead of spinning; one line per failure streak.
@@ -52,7 +51,7 @@ pub async fn serve(
                 }
             },
             handed = next_handed(&mut handoff) => match handed {
-                Ok(conn) => serve_one(&ctx, conn, permit),
+                Ok(conn) => serve_one(&ctx, conn.stream, Some((conn.head, conn.closed)), permit),
                 Err(e) => {
                     tracing::error!("the balancer's handoff channel failed ({e}); serving the port only");
                     handoff = None;
@@ -70,12 +69,19 @@ async fn next_handed(handoff: &mut Option<HandoffChannel>) -> std::io::Result<Ha
     }
 }
 
-/// Serves one connection in a task of its own, wrapped so a drain can cut it.
-fn serve_one<T>(ctx: &Arc<HttpCtx>, stream: T, permit: OwnedSemaphorePermit)
-where
-    T: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Unpin + Send + 'static,
-{
+/// Serves one connection in a task of its own, wrapped so a drain can cut it; a handed-over
+/// one with the request head the balancer read from it, and its close report.
+fn serve_one(
+    ctx: &Arc<HttpCtx>,
+    stream: TcpStream,
+    handed: Option<(Vec<u8>, CloseReport)>,
+    permit: OwnedSemaphorePermit,
+) {
     let (conn_id, io) = ctx.registry.wrap(stream, Some(permit));
+    let io = match handed {
+        Some((head, closed)) => io.handed_over(head, closed),
+        None => io,
+    };
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
         let svc = service_fn(move |req| handle(Arc::clone(&ctx), conn_id, req));
