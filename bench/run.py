@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -350,7 +351,6 @@ def polling(args, results):
 
 def median_run(runs):
     """Field by field, the median of several runs' numbers."""
-    import statistics
     med = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
     # Failures are not a median: any in any run counts.
     med["failures_all_runs"] = sum(sum(r["errors"].values()) + r["connect_errors"] + r["missing"] + r["duplicate"]

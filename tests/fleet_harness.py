@@ -17,6 +17,7 @@ import socketio
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(os.environ.get("FLEET_BIN_DIR", ROOT / "target" / "debug"))
+NODE_DIR = ROOT / "tests" / "node"  # npm's socket.io-client, current and 2.x
 LOG_DIR = Path(os.environ.get("FLEET_TEST_LOGS", "/tmp/fleet-test-logs"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -322,6 +323,6 @@ class Closer:
 
 
 __all__ = [
-    "Balancer", "Client", "Closer", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
+    "Balancer", "Client", "Closer", "NODE_DIR", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
     "parse_metrics", "port_open", "wait_until",
 ]

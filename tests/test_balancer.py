@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from fleet_harness import Balancer, Client, Worker, free_port_range, metric, port_open, wait_until
+from fleet_harness import NODE_DIR, Balancer, Client, Worker, free_port_range, metric, port_open, wait_until
 
 
 def start(closer, tmp_path, redis, **kw):
@@ -529,9 +529,6 @@ def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
     assert not any(k.startswith("fleet_balancer_worker_restarts_total") for k in m)
     wait_until(lambda: metric(b.metrics(), "fleet_balancer_worker_up", worker="w1") == 0, 5, what="w1 down")
     assert metric(b.metrics(), "fleet_balancer_worker_up", worker="w0") == 1
-
-
-NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
 
 
 def test_socketio_2_clients_with_allow_eio3(closer, tmp_path, redis):

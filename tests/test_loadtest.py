@@ -7,13 +7,10 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from fleet_harness import BIN_DIR, LOG_DIR, Balancer, metric, wait_until
-
-NODE_DIR = Path(__file__).parent / "node"
+from fleet_harness import BIN_DIR, LOG_DIR, NODE_DIR, Balancer, metric, wait_until
 
 
 def start(closer, tmp_path, redis, **kw):
