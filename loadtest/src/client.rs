@@ -4,9 +4,11 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use shared::protocol::{EV_JOIN, EV_MESSAGE, EV_PUBLISH, EV_WHOAMI};
+use shared::{Backoff, unix_micros};
 use tokio::sync::watch;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 
@@ -46,14 +48,10 @@ const WHOAMI_ACK: u64 = 1;
 const JOIN_ACK: u64 = 2;
 /// Publishes use ack ids from here on.
 const FIRST_PUBLISH_ACK: u64 = 3;
-
-/// Microseconds since the Unix epoch: comparable across generator processes on one machine.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+/// A dropped client reconnects after 100 ms, then 200 ms … up to 2 s (plus jitter, so the
+/// clients of a worker that went away do not come back in step).
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// Runs client `index` (numbered over all processes) until the run stops.
 pub async fn run(index: usize, shared: Arc<Shared>) {
@@ -158,11 +156,7 @@ async fn connect(
                     shared
                         .stats
                         .connect_latency(started.elapsed().as_micros() as u64);
-                    conn.send(&[
-                        protocol::bare_event(Some(WHOAMI_ACK), "whoami"),
-                        protocol::event(Some(JOIN_ACK), "join", &json!(room)),
-                    ])
-                    .await?;
+                    conn.send(&greeting(room)).await?;
                 }
                 Packet::Message(Sio::Ack {
                     id: WHOAMI_ACK,
@@ -190,6 +184,14 @@ async fn connect(
         }
     }
     Ok((conn, worker.unwrap_or_default()))
+}
+
+/// What a client sends once connected: `whoami` and `join` its room, each with its ack id.
+fn greeting(room: &str) -> [String; 2] {
+    [
+        protocol::bare_event(Some(WHOAMI_ACK), EV_WHOAMI),
+        protocol::event(Some(JOIN_ACK), EV_JOIN, &json!(room)),
+    ]
 }
 
 /// A connected member's running state.
@@ -259,7 +261,7 @@ impl Member {
     ) -> Result<(), ConnError> {
         match p {
             Packet::Ping(x) => conn.send(&[format!("3{x}")]).await?,
-            Packet::Message(Sio::Event { name, args, .. }) if name == "message" => {
+            Packet::Message(Sio::Event { name, args, .. }) if name == EV_MESSAGE => {
                 self.delivered(shared, args.first());
             }
             Packet::Message(Sio::Ack { id, args }) if id >= FIRST_PUBLISH_ACK => {
@@ -296,7 +298,7 @@ impl Member {
         }
         shared
             .stats
-            .delivery_latency(self.index, now_micros().saturating_sub(t));
+            .delivery_latency(self.index, unix_micros().saturating_sub(t));
     }
 
     async fn publish(&mut self, shared: &Shared, conn: &mut Conn) -> Result<(), ConnError> {
@@ -304,12 +306,12 @@ impl Member {
         self.next_ack += 1;
         let arg = json!({
             "room": self.room,
-            "data": {"p": self.index, "s": self.seq, "t": now_micros(), "x": self.padding},
+            "data": {"p": self.index, "s": self.seq, "t": unix_micros(), "x": self.padding},
         });
         self.seq += 1;
         self.inflight += 1;
         shared.stats.published(self.room_no);
-        conn.send(&[protocol::event(Some(id), "publish", &arg)])
+        conn.send(&[protocol::event(Some(id), EV_PUBLISH, &arg)])
             .await
     }
 
@@ -321,7 +323,7 @@ impl Member {
         source: Option<IpAddr>,
         phase: &mut watch::Receiver<Phase>,
     ) -> Option<Conn> {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
         loop {
             if *phase.borrow() == Phase::Stop {
                 return None;
@@ -335,10 +337,20 @@ impl Member {
                 Err(e) => shared.stats.error(&format!("reconnect_{}", e.kind())),
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = phase.changed() => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The greeting is the default app's protocol, byte for byte.
+    #[test]
+    fn greets_with_whoami_then_join() {
+        assert_eq!(greeting("r3"), [r#"421["whoami"]"#, r#"422["join","r3"]"#]);
     }
 }

@@ -3,7 +3,9 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -171,7 +173,9 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Conn
     }
     .map_err(ConnError::Connect)?;
     if let Some(ip) = source {
-        no_port_at_bind(&socket);
+        if let Err(e) = no_port_at_bind(&socket) {
+            warn_port_at_bind(&e);
+        }
         socket
             .bind(SocketAddr::new(ip, 0))
             .map_err(ConnError::Connect)?;
@@ -187,19 +191,40 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Conn
 /// bind() is withheld from every other connect() on the machine, so tens of thousands of bound
 /// clients would starve the servers' own outgoing connections (a balancer's to its workers) of
 /// ephemeral ports; a port picked at connect is shared by connections to different places.
-fn no_port_at_bind(socket: &TcpSocket) {
-    use std::os::fd::AsRawFd;
+///
+/// # Errors
+/// The kernel refused the option (before Linux 4.2, or not an IP socket).
+fn no_port_at_bind(socket: &impl AsFd) -> std::io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to a c_int that outlives the call.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
+}
+
+/// Without the option a client still connects (its port is then reserved at bind), so the run
+/// goes on; but a large run may exhaust the machine's ephemeral ports and make the servers
+/// fail, so say so, once per process rather than once per client.
+fn warn_port_at_bind(e: &std::io::Error) {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "loadtest: IP_BIND_ADDRESS_NO_PORT refused ({e}): each client bound to a --source \
+             address reserves its port at bind; a large run may exhaust the ephemeral ports \
+             of the whole machine, the servers' own connections included"
+        );
+    });
 }
 
 async fn ws_connect(
@@ -412,4 +437,33 @@ async fn read_response(resp: http::Response<hyper::body::Incoming>) -> Result<St
         return Err(status_error(status, &text));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The option is set on a TCP socket, and a refusal is reported, not ignored.
+    #[test]
+    fn port_at_connect_is_set_or_reported() {
+        let socket = TcpSocket::new_v4().unwrap();
+        no_port_at_bind(&socket).unwrap();
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket fd, and pointers to a c_int and its length that outlive
+        // the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, value), (0, 1));
+        // Not an IP socket: the kernel refuses, and the refusal comes back.
+        let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(no_port_at_bind(&unix).is_err());
+    }
 }

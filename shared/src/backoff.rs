@@ -4,14 +4,16 @@ use std::time::Duration;
 
 /// Delays for retrying something that keeps failing: `min`, `2·min`, `4·min` … capped at `max`.
 ///
-/// A small deterministic jitter (up to +25 %, from a counter, not a RNG) spreads retries of
-/// many processes that failed at the same instant.
-#[derive(Debug, Clone)]
+/// Each delay gets a random jitter of up to +25 %, so processes (or clients) that failed at the
+/// same instant do not retry in step. Each `Backoff` forks its generator from fastrand's
+/// per-thread one, which is seeded from the monotonic clock (in nanoseconds) when the thread
+/// first uses it: two processes started at once still draw different jitter.
+#[derive(Debug)]
 pub struct Backoff {
     min: Duration,
     max: Duration,
     attempt: u32,
-    seed: u64,
+    rng: fastrand::Rng,
 }
 
 impl Backoff {
@@ -22,7 +24,7 @@ impl Backoff {
             min,
             max: max.max(min),
             attempt: 0,
-            seed: 0x9E37_79B9_7F4A_7C15,
+            rng: fastrand::Rng::new(),
         }
     }
 
@@ -31,12 +33,8 @@ impl Backoff {
         let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
         let base = self.min.saturating_mul(factor).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        // xorshift: cheap, reproducible spread without a RNG dependency.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let jitter_permille = self.seed % 251; // 0..=250 ‰
-        base + base.mul_f64(jitter_permille as f64 / 1000.0)
+        let jitter_permille = self.rng.u32(0..=250);
+        base + base.mul_f64(f64::from(jitter_permille) / 1000.0)
     }
 
     /// Forget past failures: the next delay is `min` again.
@@ -47,6 +45,17 @@ impl Backoff {
     /// How many failures in a row have been counted since the last reset.
     pub fn failures(&self) -> u32 {
         self.attempt
+    }
+}
+
+/// A copy at the same point of the schedule, with a generator of its own: a clone handed to
+/// another task does not retry in step with the original.
+impl Clone for Backoff {
+    fn clone(&self) -> Self {
+        Backoff {
+            rng: fastrand::Rng::new(),
+            ..*self
+        }
     }
 }
 
@@ -76,5 +85,20 @@ mod tests {
         for _ in 0..10_000 {
             assert!(b.next_delay() <= Duration::from_secs(80));
         }
+    }
+
+    /// Two backoffs made at the same instant (two processes or tasks started together) draw
+    /// different jitter: a fixed seed would make them retry in step.
+    #[test]
+    fn backoffs_made_together_do_not_retry_in_step() {
+        let delays = |mut b: Backoff| (0..8).map(|_| b.next_delay()).collect::<Vec<_>>();
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(1));
+        let a = Backoff::new(min, max);
+        let b = Backoff::new(min, max);
+        let c = a.clone();
+        let a = delays(a);
+        // 8 draws of 251 values each: equal by chance with probability 251^-8.
+        assert_ne!(a, delays(b));
+        assert_ne!(a, delays(c), "a clone draws its own jitter");
     }
 }

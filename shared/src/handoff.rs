@@ -72,13 +72,16 @@ pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Receiv
             Err(e) => return Err(e),
         };
         // SAFETY: the kernel just installed these descriptors in this process; nothing else
-        // owns them. Any beyond the first (the balancer sends one) are closed here.
+        // owns them.
         let mut owned = fds[..count]
             .iter()
             .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+        let fd = owned.next();
+        // The balancer sends one; any more are owned and closed here, not leaked.
+        owned.for_each(drop);
         return Ok(Received {
             head: buf[..len].to_vec(),
-            fd: owned.next(),
+            fd,
         });
     }
 }
@@ -193,5 +196,30 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A datagram carrying two descriptors: the first is kept, the second is closed in the
+    /// receiving process. Checked by end of file: the peer of the second socket reads EOF
+    /// only once every copy of it is closed, the one the kernel installed here included.
+    #[tokio::test]
+    async fn descriptors_beyond_the_first_are_closed() {
+        let (balancer, worker) = pair().unwrap();
+        let worker = worker_end(worker).unwrap();
+        let (_first_peer, first) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut second_peer, second) = std::os::unix::net::UnixStream::pair().unwrap();
+        balancer.writable().await.unwrap();
+        balancer
+            .send_with_fd(b"head", &[first.as_raw_fd(), second.as_raw_fd()])
+            .unwrap();
+        drop((first, second)); // the sender's copies
+        let mut buf = vec![0u8; 64];
+        let got = recv_conn(&worker, &mut buf).await.unwrap();
+        assert!(got.fd.is_some());
+        second_peer
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        // A leaked copy would keep the socket open: the read would time out instead.
+        assert_eq!(second_peer.read(&mut byte).unwrap(), 0);
     }
 }

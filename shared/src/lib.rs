@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`config`]: `FleetConfig`, parsed and validated from the fleet YAML; errors name file, key, line.
 //! - [`metrics`]: every metric and label name, as constants (the names are a contract).
-//! - [`backoff`]: capped exponential backoff with jitter, pure.
+//! - [`backoff`]: capped exponential backoff with random jitter; it only computes delays.
+//! - [`clock`]: wall-clock microseconds, the timestamp fleet processes compare across processes.
 //! - [`shutdown`]: a cloneable "stop now" signal over a `watch` channel.
 //! - [`eio_query`]: the Engine.IO query parameters (`sid`, `transport`), parsed and rewritten.
 //! - [`protocol`]: the default app's event names and limits.
@@ -11,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod eio_query;
 pub mod handoff;
@@ -19,5 +21,6 @@ pub mod protocol;
 pub mod shutdown;
 
 pub use backoff::Backoff;
+pub use clock::unix_micros;
 pub use config::{ConfigError, FleetConfig};
 pub use shutdown::{Shutdown, ShutdownTrigger};

@@ -1,9 +1,19 @@
 //! Every metric and label name in one place: dashboards, alerts and tests depend on them.
 
-/// Label carrying the worker id on every worker sample.
+/// Label carrying the worker id: on every worker sample, and on the balancer's per-worker
+/// series.
 pub const LABEL_WORKER: &str = "worker";
 /// Label carrying the event name.
 pub const LABEL_EVENT: &str = "event";
+/// Label carrying the Engine.IO transport of a proxied request (`polling`, `websocket`).
+pub const LABEL_TRANSPORT: &str = "transport";
+/// Label carrying how a WebSocket handoff ended (`passed`, `relayed`).
+pub const LABEL_OUTCOME: &str = "outcome";
+/// Label carrying why stickiness refused a request (`malformed`, `unknown_worker`,
+/// `worker_down`).
+pub const LABEL_REASON: &str = "reason";
+/// Label carrying the class of a request the balancer refused itself.
+pub const LABEL_CLASS: &str = "class";
 
 /// Gauge: sockets connected to this worker.
 pub const WORKER_CONNECTIONS: &str = "fleet_worker_connections";
@@ -30,3 +40,106 @@ pub const WORKER_REDIS_PUBLISH_FAILURES_TOTAL: &str = "fleet_worker_redis_publis
 pub const WORKER_REDIS_MEMORY_BYTES: &str = "fleet_worker_redis_memory_bytes";
 /// Gauge 0/1: draining (SIGTERM received).
 pub const WORKER_DRAINING: &str = "fleet_worker_draining";
+
+/// Every worker metric name.
+pub const WORKER_METRICS: &[&str] = &[
+    WORKER_CONNECTIONS,
+    WORKER_EVENTS_TOTAL,
+    WORKER_BROADCASTS_TOTAL,
+    WORKER_BROADCAST_DURATION,
+    WORKER_DELIVERIES_DROPPED_TOTAL,
+    WORKER_PUBSUB_LAG,
+    WORKER_EVENT_LOOP_LAG,
+    WORKER_REDIS_UP,
+    WORKER_REDIS_RECONNECTS_TOTAL,
+    WORKER_REDIS_PUBLISH_FAILURES_TOTAL,
+    WORKER_REDIS_MEMORY_BYTES,
+    WORKER_DRAINING,
+];
+
+/// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,
+/// the value of [`WORKER_CONNECTIONS`], so one probe gives the balancer readiness and load.
+pub const READYZ_CONNECTIONS_HEADER: &str = "x-fleet-connections";
+
+/// Counter by `worker`, `transport`: requests proxied.
+pub const BALANCER_REQUESTS_TOTAL: &str = "fleet_balancer_requests_total";
+/// Gauge by `worker`: open WebSockets.
+pub const BALANCER_WEBSOCKETS_ACTIVE: &str = "fleet_balancer_websockets_active";
+/// Counter by `outcome`: WebSocket connections handed to a supervised worker (`passed`), or
+/// relayed because the handoff failed (`relayed`).
+pub const BALANCER_WEBSOCKET_HANDOFFS_TOTAL: &str = "fleet_balancer_websocket_handoffs_total";
+/// Counter by `worker`: new sessions placed.
+pub const BALANCER_SESSIONS_PLACED_TOTAL: &str = "fleet_balancer_sessions_placed_total";
+/// Counter by `reason`: requests refused by stickiness.
+pub const BALANCER_STICKY_REJECTS_TOTAL: &str = "fleet_balancer_sticky_rejects_total";
+/// Counter by `class`: requests refused by the balancer itself.
+pub const BALANCER_REJECTS_TOTAL: &str = "fleet_balancer_rejects_total";
+/// Counter by `worker`: failures talking to a worker.
+pub const BALANCER_UPSTREAM_ERRORS_TOTAL: &str = "fleet_balancer_upstream_errors_total";
+/// Gauge 0/1 by `worker`: 1 while the worker passes its health check.
+pub const BALANCER_WORKER_UP: &str = "fleet_balancer_worker_up";
+/// Counter by `worker`: worker process restarts by the supervisor.
+pub const BALANCER_WORKER_RESTARTS_TOTAL: &str = "fleet_balancer_worker_restarts_total";
+/// Histogram: time from request to response end (WebSockets excluded).
+pub const BALANCER_REQUEST_DURATION: &str = "fleet_balancer_request_duration_seconds";
+
+/// Every balancer metric name.
+pub const BALANCER_METRICS: &[&str] = &[
+    BALANCER_REQUESTS_TOTAL,
+    BALANCER_WEBSOCKETS_ACTIVE,
+    BALANCER_WEBSOCKET_HANDOFFS_TOTAL,
+    BALANCER_SESSIONS_PLACED_TOTAL,
+    BALANCER_STICKY_REJECTS_TOTAL,
+    BALANCER_REJECTS_TOTAL,
+    BALANCER_UPSTREAM_ERRORS_TOTAL,
+    BALANCER_WORKER_UP,
+    BALANCER_WORKER_RESTARTS_TOTAL,
+    BALANCER_REQUEST_DURATION,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    /// Every name is a valid Prometheus name under its process's prefix, and no name or label
+    /// is used twice (two constants for one series would split it in two on a rename).
+    #[test]
+    fn names_are_valid_distinct_and_prefixed() {
+        let mut seen = HashSet::new();
+        for (prefix, names) in [
+            ("fleet_worker_", WORKER_METRICS),
+            ("fleet_balancer_", BALANCER_METRICS),
+        ] {
+            for name in names {
+                assert!(name.starts_with(prefix) && is_name(name), "{name}");
+                assert!(seen.insert(*name), "{name} twice");
+            }
+        }
+        for label in [
+            LABEL_WORKER,
+            LABEL_EVENT,
+            LABEL_TRANSPORT,
+            LABEL_OUTCOME,
+            LABEL_REASON,
+            LABEL_CLASS,
+        ] {
+            assert!(is_name(label) && !label.starts_with("__"), "{label}");
+            assert!(seen.insert(label), "{label} twice");
+        }
+        // HTTP/2 and the http crate want header names in lower case.
+        assert!(
+            READYZ_CONNECTIONS_HEADER
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-')
+        );
+    }
+}

@@ -3,10 +3,10 @@
 //!
 //! Run: `cargo run -p worker --example chat -- 127.0.0.1:9001 redis://127.0.0.1:6379 chat-1`
 
-use socketioxide::extract::{Data, SocketRef};
-use worker::{Fleet, FleetAdapter, WorkerSettings};
+use socketioxide::extract::Data;
+use worker::{Fleet, Socket, WorkerSettings};
 
-fn chat(socket: SocketRef<FleetAdapter>, fleet: &Fleet) {
+fn chat(socket: Socket, fleet: &Fleet) {
     socket.join("chat");
     let fleet = fleet.clone();
     socket.on("say", async move |Data(text): Data<String>| {

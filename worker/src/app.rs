@@ -5,17 +5,14 @@ use serde_json::{Value, json};
 use shared::protocol::{
     EV_ECHO, EV_JOIN, EV_LEAVE, EV_MESSAGE, EV_PUBLISH, EV_WHOAMI, MAX_ROOM_BYTES,
 };
-use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::extract::TryData;
 
-use crate::FleetAdapter;
-use crate::fleet::{App, Fleet};
+use crate::fleet::{Ack, App, Fleet, Socket};
 
 /// The default app. Plug your own [`App`] into [`crate::run`] instead to serve your events.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RoomsApp;
 
-type Socket = SocketRef<FleetAdapter>;
-type Ack = AckSender<FleetAdapter>;
 type Arg = TryData<Value>;
 
 impl App for RoomsApp {

@@ -3,10 +3,14 @@
 //! per-socket transport close that avoids the Socket.IO disconnect packet). A cut is a
 //! `shutdown(2)` of the socket: the kernel wakes whatever waits on it and the transport ends as
 //! if the client had gone, at no cost to the connection's reads and writes until then.
+//!
+//! The registry keeps each socket's raw descriptor, so it must never outlive the socket:
+//! `Tracked`'s `Drop` removes the entry, and a struct's own `Drop` runs before any of its
+//! fields is dropped, so before the socket closes, whatever order the fields are declared in.
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +37,8 @@ struct Conns {
 }
 
 struct ConnEntry {
-    /// Valid while the entry exists: the entry is removed before the socket is closed.
+    /// Open while the entry exists: the entry is removed in `Tracked::drop`, before the
+    /// `Tracked`'s socket (the only owner of this descriptor) is closed.
     fd: RawFd,
     sid: Option<String>,
 }
@@ -59,24 +64,23 @@ pub struct ConnId(pub u64);
 impl ConnRegistry {
     /// Register a new connection and wrap its stream. The permit (the worker's connection
     /// cap) is released when the stream is dropped, even if a WebSocket outlived hyper.
-    pub fn wrap<T: AsRawFd>(
+    ///
+    /// `io` must own its descriptor and keep it until dropped, as every socket type does.
+    pub fn wrap<T: AsFd>(
         self: &Arc<Self>,
         io: T,
         permit: Option<OwnedSemaphorePermit>,
     ) -> (ConnId, Tracked<T>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = ConnEntry {
-            fd: io.as_raw_fd(),
+            fd: io.as_fd().as_raw_fd(),
             sid: None,
         };
         self.conns.lock().unwrap().entries.insert(id, entry);
-        let guard = ConnGuard {
+        let tracked = Tracked {
             id,
             registry: Arc::clone(self),
             _permit: permit,
-        };
-        let tracked = Tracked {
-            _guard: guard,
             _closed: None,
             head: Vec::new(),
             head_read: 0,
@@ -103,8 +107,10 @@ impl ConnRegistry {
         let conns = self.conns.lock().unwrap();
         let ids = conns.by_sid.get(sid).map_or(&[][..], Vec::as_slice);
         for id in ids {
-            // SAFETY: plain shutdown(2) on a socket this process still has open: the entry
-            // is removed (under this lock) before its stream, and so its descriptor, is dropped.
+            // SAFETY: plain shutdown(2) on a socket this process still has open. Its entry
+            // exists, so its `Tracked` has not run `drop` (which removes the entry under this
+            // lock before the socket, the descriptor's only owner, can close), and cannot
+            // finish it while we hold the lock.
             unsafe { libc::shutdown(conns.entries[id].fd, libc::SHUT_RDWR) };
         }
         ids.len()
@@ -126,28 +132,25 @@ impl ConnRegistry {
     }
 }
 
-/// Removes the registry entry when the stream is dropped, wherever it ended up.
-struct ConnGuard {
+/// A registered connection's stream; reads and writes go straight through (after the request
+/// head of a handed-over connection). Dropping it, wherever it ended up, unregisters it.
+pub struct Tracked<T> {
     id: u64,
     registry: Arc<ConnRegistry>,
     _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.registry.conns.lock().unwrap().remove(self.id);
-    }
-}
-
-/// A registered connection's stream; reads and writes go straight through (after the request
-/// head of a handed-over connection).
-pub struct Tracked<T> {
-    // Declared first, so dropped first: the registry forgets the descriptor before it closes.
-    _guard: ConnGuard,
     _closed: Option<CloseReport>,
     head: Vec<u8>,
     head_read: usize,
+    /// Never moved out nor replaced: its descriptor stays open until `Tracked` is dropped.
     io: T,
+}
+
+impl<T> Drop for Tracked<T> {
+    /// Runs before any field is dropped, so the registry forgets the descriptor while `io`
+    /// still holds it open: `kill_sid` can never shut down a closed (or reused) descriptor.
+    fn drop(&mut self) {
+        self.registry.conns.lock().unwrap().remove(self.id);
+    }
 }
 
 impl<T> Tracked<T> {
@@ -246,5 +249,39 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// The registry forgets a connection before its socket closes, whatever the order of
+    /// `Tracked`'s fields: the socket's own drop finds its entry already gone.
+    #[test]
+    fn the_entry_is_gone_before_the_socket_closes() {
+        struct Witness {
+            sock: std::os::unix::net::UnixStream,
+            registry: Arc<ConnRegistry>,
+            entries_at_close: Arc<AtomicU64>,
+        }
+        impl AsFd for Witness {
+            fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+                self.sock.as_fd()
+            }
+        }
+        impl Drop for Witness {
+            fn drop(&mut self) {
+                let open = self.registry.len() as u64;
+                self.entries_at_close.store(open, Ordering::SeqCst);
+            }
+        }
+        let registry = Arc::new(ConnRegistry::default());
+        let entries_at_close = Arc::new(AtomicU64::new(u64::MAX));
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let witness = Witness {
+            sock,
+            registry: Arc::clone(&registry),
+            entries_at_close: Arc::clone(&entries_at_close),
+        };
+        let (_, tracked) = registry.wrap(witness, None);
+        assert_eq!(registry.len(), 1);
+        drop(tracked);
+        assert_eq!(entries_at_close.load(Ordering::SeqCst), 0);
     }
 }

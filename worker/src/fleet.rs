@@ -1,26 +1,38 @@
 //! What an application gets from the fleet: the worker's identity, the Socket.IO handle, and
-//! measured room broadcasts that reach every worker.
+//! measured room broadcasts that reach every worker. Apps name the Socket.IO types through the
+//! aliases here ([`Socket`], [`Ack`], [`Io`]), never the adapter, so the adapter can change
+//! without touching them.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use socketioxide::extract::SocketRef;
+use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::{BroadcastError, SocketIo};
 
 use crate::FleetAdapter;
 use crate::metrics::WorkerMetrics;
 
+/// A connected client's socket, as an app's handlers receive it (the `SocketRef` extractor of
+/// this fleet's Socket.IO server). Apps write their handlers against this type.
+pub type Socket = SocketRef<FleetAdapter>;
+
+/// The acknowledgement extractor for an event handler: `ack.send(&value)` answers the client.
+pub type Ack = AckSender<FleetAdapter>;
+
+/// This fleet's Socket.IO server handle, as [`Fleet::io`] gives it.
+pub type Io = SocketIo<FleetAdapter>;
+
 /// Handle passed to the application for each connected socket. Cheap to clone.
 #[derive(Clone)]
 pub struct Fleet {
     worker_id: Arc<str>,
-    io: SocketIo<FleetAdapter>,
+    io: Io,
     metrics: WorkerMetrics,
 }
 
 impl Fleet {
-    pub(crate) fn new(worker_id: &str, io: SocketIo<FleetAdapter>, metrics: WorkerMetrics) -> Self {
+    pub(crate) fn new(worker_id: &str, io: Io, metrics: WorkerMetrics) -> Self {
         Fleet {
             worker_id: worker_id.into(),
             io,
@@ -34,7 +46,7 @@ impl Fleet {
     }
 
     /// The Socket.IO server, for anything the helpers below do not cover.
-    pub fn io(&self) -> &SocketIo<FleetAdapter> {
+    pub fn io(&self) -> &Io {
         &self.io
     }
 
@@ -77,17 +89,32 @@ impl Fleet {
 
 /// An application: registers its event handlers on each new socket.
 ///
-/// Any `Fn(SocketRef<FleetAdapter>, &Fleet)` closure is an `App`.
+/// Any `Fn(Socket, &Fleet)` closure is an `App`.
 pub trait App: Send + Sync + 'static {
     /// Called once per connected socket, before any of its events are handled.
-    fn on_connect(&self, socket: SocketRef<FleetAdapter>, fleet: &Fleet);
+    fn on_connect(&self, socket: Socket, fleet: &Fleet);
 }
 
 impl<F> App for F
 where
-    F: Fn(SocketRef<FleetAdapter>, &Fleet) + Send + Sync + 'static,
+    F: Fn(Socket, &Fleet) + Send + Sync + 'static,
 {
-    fn on_connect(&self, socket: SocketRef<FleetAdapter>, fleet: &Fleet) {
+    fn on_connect(&self, socket: Socket, fleet: &Fleet) {
         self(socket, fleet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The apps in this repository name only the aliases above: swapping the adapter must not
+    /// touch them.
+    #[test]
+    fn apps_do_not_name_the_adapter() {
+        for (file, text) in [
+            ("src/app.rs", include_str!("app.rs")),
+            ("examples/chat.rs", include_str!("../examples/chat.rs")),
+        ] {
+            assert!(!text.contains("FleetAdapter"), "{file} names the adapter");
+        }
     }
 }

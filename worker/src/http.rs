@@ -11,14 +11,14 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
 use shared::eio_query;
-use socketioxide::SocketIo;
+use shared::metrics::READYZ_CONNECTIONS_HEADER;
 use socketioxide::service::SocketIoService;
 
-use crate::FleetAdapter;
 use crate::conn::{ConnId, ConnRegistry};
 use crate::drain::DrainGate;
 use crate::health::Readiness;
 use crate::metrics::WorkerMetrics;
+use crate::{FleetAdapter, Io};
 
 /// Any response body this server sends.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -28,7 +28,7 @@ pub struct HttpCtx {
     /// The Socket.IO service.
     pub sio: SocketIoService<NotFoundService, FleetAdapter>,
     /// The Socket.IO handle (live socket count for `/metrics`).
-    pub io: SocketIo<FleetAdapter>,
+    pub io: Io,
     /// Engine.IO path, without trailing slash.
     pub sio_path: String,
     /// Whether Engine.IO 3 clients are served (`socketio.allow_eio3`).
@@ -68,21 +68,40 @@ pub async fn handle(
     }
     Ok(match (req.method(), path) {
         (&Method::GET, "/metrics") => {
-            ctx.metrics.connections.set(ctx.io.sockets().len() as i64);
+            count_connections(&ctx);
             let body = ctx.metrics.encode();
             text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, "/readyz") => match ctx.readiness.check() {
-            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("{why}\n"),
-            ),
-        },
+        (&Method::GET, "/readyz") => readyz(ctx.readiness.check(), count_connections(&ctx)),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
+}
+
+/// Brings the `fleet_worker_connections` gauge up to date (this worker's connected sockets)
+/// and returns its value.
+fn count_connections(ctx: &HttpCtx) -> i64 {
+    let n = i64::try_from(ctx.io.sockets().len()).unwrap_or(i64::MAX);
+    ctx.metrics.connections.set(n);
+    n
+}
+
+/// `/readyz`: 200 or 503 with the reason, both carrying the worker's load in
+/// [`READYZ_CONNECTIONS_HEADER`], so one probe tells the balancer readiness and load.
+fn readyz(ready: Result<(), String>, connections: i64) -> Response<Body> {
+    let mut res = match ready {
+        Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("{why}\n"),
+        ),
+    };
+    res.headers_mut().insert(
+        READYZ_CONNECTIONS_HEADER,
+        header::HeaderValue::from(connections),
+    );
+    res
 }
 
 /// The request with its URI and header values copied out of hyper's read buffer.
@@ -193,5 +212,19 @@ mod tests {
         assert_eq!(owned.headers()["x-forwarded-for"], "10.0.0.1");
         let twice: Vec<_> = owned.headers().get_all("x-twice").iter().collect();
         assert_eq!(twice, ["a", "b"]);
+    }
+
+    /// Ready or not, `/readyz` carries the connection count, as a number.
+    #[test]
+    fn readyz_reports_the_load_either_way() {
+        for (ready, status) in [
+            (Ok(()), StatusCode::OK),
+            (Err("draining".to_owned()), StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            let res = readyz(ready, 42);
+            assert_eq!(res.status(), status);
+            let value = res.headers()[READYZ_CONNECTIONS_HEADER].to_str().unwrap();
+            assert_eq!(value.parse::<i64>().unwrap(), 42);
+        }
     }
 }

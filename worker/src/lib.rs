@@ -5,7 +5,8 @@
 //! - [`run`] (here): wires the parts below and serves until the stop future resolves.
 //! - [`settings`]: what one worker needs, from the fleet YAML or from flags.
 //! - [`drivers`]: the reconnecting Redis pub/sub driver (`RedisLink`).
-//! - [`fleet`]: the [`App`] trait and the [`Fleet`] handle apps receive.
+//! - [`fleet`]: the [`App`] trait, the [`Fleet`] handle apps receive, and the Socket.IO types
+//!   apps name ([`Socket`], [`Ack`], [`Io`]).
 //! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
 //! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
 //!   [`handoff`]: connections the supervising balancer passes over.
@@ -32,7 +33,6 @@ use std::time::Duration;
 use shared::shutdown;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Emitter;
-use socketioxide::extract::SocketRef;
 use socketioxide::handler::ConnectHandler;
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::{TcpListener, UnixDatagram};
@@ -40,11 +40,12 @@ use tokio::net::{TcpListener, UnixDatagram};
 pub use app::RoomsApp;
 pub use drain::DrainReport;
 pub use drivers::RedisLink;
-pub use fleet::{App, Fleet};
+pub use fleet::{Ack, App, Fleet, Io, Socket};
 pub use settings::WorkerSettings;
 
-/// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`].
-pub type FleetAdapter = CustomRedisAdapter<Emitter, RedisLink>;
+/// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`]. An
+/// implementation detail: apps name [`Socket`], [`Ack`] and [`Io`] instead.
+pub(crate) type FleetAdapter = CustomRedisAdapter<Emitter, RedisLink>;
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -117,13 +118,12 @@ pub async fn run(
     // socketioxide sends the CONNECT packet before it spawns the (async) connect handler, so
     // a client that emits at once on connect could otherwise beat the handler's `on(...)`
     // and lose the event. Middlewares run before the CONNECT packet is sent.
-    let setup =
-        async move |socket: SocketRef<FleetAdapter>| -> Result<(), std::convert::Infallible> {
-            bind_websocket_handshake(&ns_registry, &socket);
-            app.on_connect(socket, &fleet);
-            Ok(())
-        };
-    let connected = async |_: SocketRef<FleetAdapter>| {};
+    let setup = async move |socket: Socket| -> Result<(), std::convert::Infallible> {
+        bind_websocket_handshake(&ns_registry, &socket);
+        app.on_connect(socket, &fleet);
+        Ok(())
+    };
+    let connected = async |_: Socket| {};
     io.ns("/", ConnectHandler::with(connected, setup))
         .await
         .map_err(|e| StartError::Namespace(e.to_string()))?;
@@ -181,7 +181,7 @@ pub async fn run(
 
 /// A WebSocket-only client opens its session on the upgrade request itself (no `sid` in the
 /// URL), so its connection is bound to the session here, once the id exists.
-fn bind_websocket_handshake(registry: &conn::ConnRegistry, socket: &SocketRef<FleetAdapter>) {
+fn bind_websocket_handshake(registry: &conn::ConnRegistry, socket: &Socket) {
     let parts = socket.req_parts();
     let q = shared::eio_query::parse(parts.uri.query()).unwrap_or_default();
     if q.sid.is_none()

@@ -141,18 +141,7 @@ mod tests {
         m.event("join");
         m.pubsub_lag.observe(0.001);
         let text = m.encode();
-        for name in [
-            names::WORKER_CONNECTIONS,
-            names::WORKER_EVENTS_TOTAL,
-            names::WORKER_BROADCASTS_TOTAL,
-            names::WORKER_BROADCAST_DURATION,
-            names::WORKER_PUBSUB_LAG,
-            names::WORKER_EVENT_LOOP_LAG,
-            names::WORKER_REDIS_UP,
-            names::WORKER_REDIS_RECONNECTS_TOTAL,
-            names::WORKER_REDIS_PUBLISH_FAILURES_TOTAL,
-            names::WORKER_REDIS_MEMORY_BYTES,
-        ] {
+        for name in names::WORKER_METRICS {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
                 "{name} missing:\n{text}"

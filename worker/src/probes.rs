@@ -1,9 +1,9 @@
 //! Background measurements: event-loop lag, cross-worker pub/sub lag, Redis memory.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use shared::Shutdown;
+use shared::{Shutdown, unix_micros};
 use socketioxide_redis::drivers::Driver;
 use tokio::time::Instant;
 
@@ -51,7 +51,7 @@ pub async fn pubsub_lag(
                 continue;
             };
             if from != me {
-                let lag = now_micros().saturating_sub(sent);
+                let lag = unix_micros().saturating_sub(sent);
                 metrics.pubsub_lag.observe(lag as f64 / 1e6);
             }
         }
@@ -66,7 +66,7 @@ pub async fn pubsub_lag(
                 let _ = link
                     .publish(
                         chan.clone(),
-                        format!("{worker}|{}", now_micros()).into_bytes(),
+                        format!("{worker}|{}", unix_micros()).into_bytes(),
                     )
                     .await;
             }
@@ -99,12 +99,6 @@ pub async fn redis_memory(link: RedisLink, metrics: WorkerMetrics, mut shutdown:
             metrics.redis_memory.set(bytes);
         }
     }
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn parse_probe(payload: &[u8]) -> Option<(&str, u64)> {
