@@ -56,8 +56,7 @@ impl FleetProxy {
             .balancer
             .trusted_proxies
             .iter()
-            .filter_map(|p| shared::config::parse_cidr(p).ok())
-            .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
+            .filter_map(|n| IpNet::new(n.addr(), n.prefix()).ok())
             .collect();
         let heartbeat =
             Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);

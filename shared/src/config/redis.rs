@@ -1,0 +1,35 @@
+//! The `redis:` section: where cross-worker broadcasts go and how the link to Redis recovers.
+
+use serde::Deserialize;
+
+/// `redis:` section.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port[/db]` or `rediss://…`. Default `redis://127.0.0.1:6379`.
+    /// RESP3 (needed for pub/sub pushes) is switched on by the worker whatever the URL says.
+    pub url: String,
+    /// Prefix of every pub/sub channel; fleets sharing one Redis need distinct prefixes.
+    /// Default `fleet`.
+    pub prefix: String,
+    /// First reconnect delay after the link breaks, in milliseconds. Default 100.
+    pub reconnect_min_ms: u64,
+    /// Cap of the reconnect backoff, in milliseconds. Default 1000 (a returning Redis is
+    /// noticed within about a second).
+    pub reconnect_max_ms: u64,
+    /// How long a cross-worker request (fetch_sockets, broadcast with ack) waits for peers,
+    /// in milliseconds. Default 5000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "fleet".into(),
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 1000,
+            request_timeout_ms: 5000,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The `socketio:` section: Engine.IO / Socket.IO settings every worker shares (and the
+//! balancer's path).
+
+use serde::Deserialize;
+
+/// `socketio:` section.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIoConfig {
+    /// HTTP path of Engine.IO. Default `/socket.io`.
+    pub path: String,
+    /// Engine.IO ping interval, in milliseconds. Default 25000.
+    pub ping_interval_ms: u64,
+    /// Engine.IO ping timeout, in milliseconds. Default 20000.
+    pub ping_timeout_ms: u64,
+    /// Largest polling request body accepted, in bytes. Default 100000.
+    pub max_payload_bytes: u64,
+    /// Packets queued per client before further messages to it are dropped (a slow reader,
+    /// or a polling client that has gone away). Default 1024.
+    pub max_buffer_packets: usize,
+    /// Initial read buffer of each WebSocket, in bytes; it grows for larger messages. Every
+    /// open WebSocket holds one. Default 1024.
+    pub ws_read_buffer_bytes: usize,
+    /// Also accept Engine.IO 3 clients (Socket.IO 2.x client libraries), as Node's
+    /// `allowEIO3`. Default false: they are answered 400 "Unsupported protocol version".
+    pub allow_eio3: bool,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        SocketIoConfig {
+            path: "/socket.io".into(),
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_payload_bytes: 100_000,
+            max_buffer_packets: 1024,
+            ws_read_buffer_bytes: 1024,
+            allow_eio3: false,
+        }
+    }
+}

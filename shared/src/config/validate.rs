@@ -1,0 +1,273 @@
+//! The checks serde cannot make: ranges and relations between keys, one function per section,
+//! run in file order. Each refusal is `(dotted key, message)`; the caller adds the line.
+
+use super::{BalancerConfig, FleetConfig, MAX_WORKERS, RedisConfig, SocketIoConfig, WorkersConfig};
+
+/// The key refused and why.
+type Refusal = (&'static str, String);
+
+impl FleetConfig {
+    /// Check the values serde cannot: ranges and relations between keys. The first refusal
+    /// wins.
+    pub(super) fn validate(&self) -> Result<(), Refusal> {
+        workers(&self.workers)?;
+        worker_sources(&self.workers)?;
+        balancer(&self.balancer)?;
+        redis(&self.redis)?;
+        socketio(&self.socketio)
+    }
+}
+
+/// Count, ports, host and limits of the workers.
+fn workers(w: &WorkersConfig) -> Result<(), Refusal> {
+    if !(1..=MAX_WORKERS).contains(&w.count) {
+        return Err((
+            "workers.count",
+            format!("must be 1 to {MAX_WORKERS}, got {}", w.count),
+        ));
+    }
+    if w.base_port == 0 {
+        return Err(("workers.base_port", "must be 1 to 65535, got 0".into()));
+    }
+    let last = u32::from(w.base_port) + w.count - 1;
+    if last > u32::from(u16::MAX) {
+        return Err((
+            "workers.base_port",
+            format!(
+                "base_port {} + count {} needs ports up to {last}, past 65535",
+                w.base_port, w.count
+            ),
+        ));
+    }
+    if w.host.trim().is_empty() {
+        return Err(("workers.host", "must not be empty".into()));
+    }
+    if w.max_connections == 0 {
+        return Err(("workers.max_connections", "must be at least 1".into()));
+    }
+    if w.drain_window_secs > 3600 {
+        return Err(("workers.drain_window_secs", "must be at most 3600".into()));
+    }
+    Ok(())
+}
+
+/// Where the workers come from: a list, a DNS name, or a command to spawn.
+fn worker_sources(w: &WorkersConfig) -> Result<(), Refusal> {
+    if !w.upstreams.is_empty() && w.discover.is_some() {
+        return Err((
+            "workers.discover",
+            "give either upstreams or discover, not both".into(),
+        ));
+    }
+    for up in &w.upstreams {
+        validate_host_port(up).map_err(|m| ("workers.upstreams", m))?;
+    }
+    if let Some(d) = &w.discover {
+        validate_host_port(d).map_err(|m| ("workers.discover", m))?;
+    }
+    if w.command
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c[0].is_empty())
+    {
+        return Err(("workers.command", "must name a program".into()));
+    }
+    Ok(())
+}
+
+/// `trusted_proxies` needs no check here: each entry was parsed into an `IpNetwork`.
+fn balancer(b: &BalancerConfig) -> Result<(), Refusal> {
+    // Written so that NaN is refused too.
+    if !(b.load_factor >= 1.0 && b.load_factor <= 100.0) {
+        return Err((
+            "balancer.load_factor",
+            format!("must be 1.0 to 100, got {}", b.load_factor),
+        ));
+    }
+    if !(100..=60_000).contains(&b.health_check_interval_ms) {
+        return Err((
+            "balancer.health_check_interval_ms",
+            "must be 100 to 60000".into(),
+        ));
+    }
+    if b.health_check_failures == 0 {
+        return Err((
+            "balancer.health_check_failures",
+            "must be at least 1".into(),
+        ));
+    }
+    if b.sticky_secret.is_empty() {
+        return Err(("balancer.sticky_secret", "must not be empty".into()));
+    }
+    if !(1..=256).contains(&b.threads) {
+        return Err(("balancer.threads", "must be 1 to 256".into()));
+    }
+    if !(1..=600).contains(&b.header_timeout_secs) {
+        return Err(("balancer.header_timeout_secs", "must be 1 to 600".into()));
+    }
+    // pingora itself refuses heads over 1 MiB.
+    if !(1024..=1024 * 1024).contains(&b.max_header_bytes) {
+        return Err((
+            "balancer.max_header_bytes",
+            "must be 1024 to 1048576".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn redis(r: &RedisConfig) -> Result<(), Refusal> {
+    validate_redis_url(&r.url).map_err(|m| ("redis.url", m))?;
+    // The Redis adapter's channels are `{prefix}-request#{namespace}#`: '#' is its separator.
+    if r.prefix.is_empty() || r.prefix.contains('#') {
+        return Err((
+            "redis.prefix",
+            "must be non-empty and must not contain '#'".into(),
+        ));
+    }
+    if r.reconnect_min_ms == 0 {
+        return Err(("redis.reconnect_min_ms", "must be at least 1".into()));
+    }
+    if r.reconnect_max_ms < r.reconnect_min_ms {
+        return Err((
+            "redis.reconnect_max_ms",
+            "must be at least reconnect_min_ms".into(),
+        ));
+    }
+    if r.request_timeout_ms == 0 {
+        return Err(("redis.request_timeout_ms", "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+fn socketio(s: &SocketIoConfig) -> Result<(), Refusal> {
+    if !s.path.starts_with('/') || s.path.len() < 2 || s.path.contains(['?', '#', ' ']) {
+        return Err((
+            "socketio.path",
+            format!("must look like /socket.io, got {:?}", s.path),
+        ));
+    }
+    if s.ping_interval_ms == 0 {
+        return Err(("socketio.ping_interval_ms", "must be at least 1".into()));
+    }
+    if s.ping_timeout_ms == 0 {
+        return Err(("socketio.ping_timeout_ms", "must be at least 1".into()));
+    }
+    if s.max_payload_bytes < 1024 {
+        return Err(("socketio.max_payload_bytes", "must be at least 1024".into()));
+    }
+    if !(16..=1_000_000).contains(&s.max_buffer_packets) {
+        return Err((
+            "socketio.max_buffer_packets",
+            "must be 16 to 1000000".into(),
+        ));
+    }
+    if !(256..=16 * 1024 * 1024).contains(&s.ws_read_buffer_bytes) {
+        return Err((
+            "socketio.ws_read_buffer_bytes",
+            "must be 256 to 16777216".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535.
+///
+/// # Errors
+/// What is wrong, quoting `s`.
+pub fn validate_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{s:?} has no valid port")),
+    }
+}
+
+/// Accept `redis://`, `rediss://`, `redis+unix://` and `unix://` URLs with a host or path.
+///
+/// # Errors
+/// What is wrong, quoting `raw`.
+pub fn validate_redis_url(raw: &str) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}): {raw:?}"))?;
+    match url.scheme() {
+        "redis" | "rediss" => {
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(format!("no host in {raw:?}"));
+            }
+            Ok(())
+        }
+        "redis+unix" | "unix" => Ok(()),
+        other => Err(format!(
+            "scheme must be redis:// or rediss://, got {other}://"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{FleetConfig, GOOD};
+
+    #[test]
+    fn zero_workers_refused_at_its_line() {
+        let text = GOOD.replace("count: 4", "count: 0");
+        let err = FleetConfig::from_yaml_str(&text).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("workers.count"));
+        assert_eq!(err.line, Some(6));
+    }
+
+    #[test]
+    fn port_overflow_refused() {
+        let text = GOOD.replace("base_port: 9001", "base_port: 65534");
+        let err = FleetConfig::from_yaml_str(&text).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("workers.base_port"));
+        assert_eq!(err.line, Some(8));
+        assert!(err.message.contains("65537"), "{err}");
+        let err = FleetConfig::from_yaml_str(&GOOD.replace("9001", "70000")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("workers.base_port"), "{err}");
+    }
+
+    #[test]
+    fn websocket_read_buffer_bounds() {
+        let err =
+            FleetConfig::from_yaml_str("socketio:\n  ws_read_buffer_bytes: 16\n").unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("socketio.ws_read_buffer_bytes"),
+            "{err}"
+        );
+        let ok = FleetConfig::from_yaml_str("socketio:\n  ws_read_buffer_bytes: 4096\n").unwrap();
+        assert_eq!(ok.socketio.ws_read_buffer_bytes, 4096);
+        assert_eq!(FleetConfig::default().socketio.ws_read_buffer_bytes, 1024);
+    }
+
+    #[test]
+    fn bad_redis_url_refused() {
+        for bad in ["http://x:1", "not a url", "redis://"] {
+            let text = GOOD.replace("redis://127.0.0.1:6379", bad);
+            let err = FleetConfig::from_yaml_str(&text).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("redis.url"), "{bad}: {err}");
+            assert_eq!(err.line, Some(4), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn flow_style_range_error_has_a_line() {
+        let text = "listen: 0.0.0.0:8080\nbalancer: {placement: random, load_factor: 0.5}\n";
+        let err = FleetConfig::from_yaml_str(text).unwrap_err();
+        assert_eq!(
+            (err.key.as_deref(), err.line),
+            (Some("balancer.load_factor"), Some(2)),
+            "{err}"
+        );
+        assert_eq!(err.message, "must be 1.0 to 100, got 0.5");
+        let err =
+            FleetConfig::from_yaml_str("workers: {count: 2, base_port: 65535}\n").unwrap_err();
+        assert_eq!(
+            (err.key.as_deref(), err.line),
+            (Some("workers.base_port"), Some(1))
+        );
+    }
+}
