@@ -11,12 +11,12 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_prometheus::prometheus::{self, Encoder, TextEncoder};
 use serde_json::json;
 
-use crate::upstreams::Upstreams;
+use crate::workers::Workers;
 
 /// The admin HTTP app.
 pub struct Admin {
     /// The workers.
-    pub upstreams: Arc<Upstreams>,
+    pub workers: Arc<Workers>,
 }
 
 #[async_trait]
@@ -33,7 +33,7 @@ impl ServeHttp for Admin {
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
-                let ready = self.upstreams.workers().iter().filter(|(_, h)| *h).count();
+                let ready = self.workers.snapshot().ready();
                 if ready > 0 {
                     reply(
                         200,
@@ -55,15 +55,16 @@ impl ServeHttp for Admin {
                     .filter(|h| !h.is_empty() && h.len() <= 253 && !h.contains(['/', '@', ':']))
                     .map(str::to_owned);
                 let groups: Vec<_> = self
-                    .upstreams
+                    .workers
+                    .snapshot()
                     .workers()
                     .iter()
-                    .map(|(addr, _)| {
+                    .map(|w| {
                         let target = match &host {
-                            Some(h) => format!("{h}:{}", addr.port()),
-                            None => addr.to_string(),
+                            Some(h) => format!("{h}:{}", w.addr().port()),
+                            None => w.addr().to_string(),
                         };
-                        json!({"targets": [target], "labels": {"worker": self.upstreams.label(addr)}})
+                        json!({"targets": [target], "labels": {"worker": w.label()}})
                     })
                     .collect();
                 reply(

@@ -1,36 +1,27 @@
 //! The fleet balancer: a pingora front proxy with stateless sticky sessions, bounded-load
-//! placement, health checks and a worker supervisor.
+//! placement, one view of the workers, and a worker supervisor.
 //!
 //! # Layout
 //! - [`serve`] (here): builds the pingora server from a fleet file, one service per part.
-//! - [`front`]: the public listener's connection loop (head timeout).
-//! - [`proxy`]: the `ProxyHttp` hooks: route by sid tag or place, tag handshakes, count;
-//!   [`handoff`]: WebSockets passed to supervised workers; [`ws_tunnel`]: WebSockets relayed
-//!   (other workers); [`raw_http`]: what both take from pingora's session;
-//!   [`rejections`]: refusals, logged once per class.
-//! - [`sticky`]: pure codecs: tags, the open packet rewrite, the query string.
-//! - [`upstreams`]: workers, their tags and loads, and placement policies.
-//! - [`discovery`]: which workers exist; [`health`]: `/readyz` checks;
-//!   [`load_poll`]: worker loads; [`supervisor`]: worker processes; [`resize`]: the fleet
-//!   file followed while running; [`admin`]: own endpoints.
-//! - [`metrics`]: the balancer's metrics.
+//! - [`routing`]: the routing core, pure: a request and a fleet snapshot in, a decision out.
+//! - [`placement`]: where a new session goes, one type per policy behind a trait.
+//! - [`sticky`]: pure codecs: tags, the open packet rewrite.
+//! - [`workers`]: the one view of the workers (which exist, up or not, their load), kept by
+//!   discovery and one probe per worker.
+//! - [`proxy`]: the pingora hooks that carry decisions out: proxy, hand off, relay, refuse.
+//! - [`supervisor`]: worker processes; [`resize`]: the fleet file followed while running;
+//!   [`admin`]: own endpoints; [`metrics`]: the balancer's metrics.
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod discovery;
-pub mod front;
-pub mod handoff;
-pub mod health;
-pub mod load_poll;
 pub mod metrics;
+pub mod placement;
 pub mod proxy;
-pub mod raw_http;
-pub mod rejections;
 pub mod resize;
+pub mod routing;
 pub mod sticky;
 pub mod supervisor;
-pub mod upstreams;
-pub mod ws_tunnel;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,8 +33,6 @@ use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
-use pingora_load_balancing::selection::Consistent;
-use pingora_load_balancing::{Backends, LoadBalancer};
 use shared::FleetConfig;
 use tokio::sync::watch;
 
@@ -59,23 +48,26 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     server.bootstrap();
 
     let interval = Duration::from_millis(cfg.balancer.health_check_interval_ms);
-    // The live worker count: what the supervisor runs, and what placement sees (see `resize`).
+    // The live worker count: what the supervisor runs, and what the view holds (see `resize`).
     let (spawned, spawned_rx) = watch::channel(cfg.workers.count);
     let (routed, routed_rx) = watch::channel(cfg.workers.count);
-    let backends = Backends::new(Box::new(discovery::HostsDiscovery::from_config(
-        cfg, routed_rx,
-    )));
-    let mut lb = LoadBalancer::<Consistent>::from_backends(backends);
-    lb.set_health_check(health::readyz_check(cfg));
-    lb.health_check_frequency = Some(interval);
-    lb.update_frequency = Some(if cfg.workers.discover.is_some() {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(60)
-    });
-    lb.parallel_health_check = true;
-    let lb_service = background_service("worker health", lb);
-    let upstreams = Arc::new(upstreams::Upstreams::new(lb_service.task(), cfg));
+    let placement = placement::Config {
+        policy: cfg.balancer.placement,
+        load_factor: cfg.balancer.load_factor,
+    };
+    let workers = Arc::new(workers::Workers::new(
+        placement,
+        &cfg.balancer.sticky_secret,
+    ));
+    let watcher = background_service(
+        "workers",
+        workers::Watcher::new(
+            Arc::clone(&workers),
+            workers::discovery::Discovery::from_config(cfg, routed_rx),
+            interval,
+            cfg.balancer.health_check_failures,
+        ),
+    );
     let handoff = cfg.spawns_workers() && cfg.workers.handoff;
     let named: Vec<String> = if cfg.indexed_workers() {
         (0..cfg.workers.count).map(FleetConfig::worker_id).collect()
@@ -88,14 +80,14 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
         handoff,
     );
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
-    let handoffs = Arc::new(handoff::Handoffs::default());
+    let handoffs = Arc::new(proxy::handoff::Handoffs::default());
 
     let mut proxy = Service::new(
         "proxy".to_owned(),
-        front::Front::new(
+        proxy::front::Front::new(
             pingora_proxy::http_proxy(
                 &server.configuration,
-                proxy::FleetProxy::new(Arc::clone(&upstreams), Arc::clone(&handoffs), cfg),
+                proxy::FleetProxy::new(Arc::clone(&workers), Arc::clone(&handoffs), cfg),
             ),
             cfg.balancer.header_timeout_secs,
         ),
@@ -113,21 +105,14 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     let mut admin = Service::new(
         "admin".to_owned(),
         HttpServer::new_app(admin::Admin {
-            upstreams: Arc::clone(&upstreams),
+            workers: Arc::clone(&workers),
         }),
     );
     admin.add_tcp(&cfg.metrics_listen.to_string());
-    let poller = background_service(
-        "worker loads",
-        load_poll::LoadPoller {
-            upstreams: Arc::clone(&upstreams),
-            every: interval,
-        },
-    );
 
     if cfg.spawns_workers() {
         server.add_service(background_service(
-            "workers",
+            "supervisor",
             supervisor::Supervisor::new(
                 cfg,
                 config_path.clone(),
@@ -143,12 +128,11 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
             running: cfg.clone(),
             spawned,
             routed,
-            upstreams: Arc::clone(&upstreams),
         },
     ));
-    server.add_service(lb_service);
-    server.add_service(poller);
+    let watcher = server.add_service(watcher);
     server.add_service(admin);
-    server.add_service(proxy);
+    // Requests are routed only once every worker known at start has been probed once.
+    server.add_service(proxy).add_dependency(&watcher);
     server
 }

@@ -1,4 +1,6 @@
-//! The balancer's metrics, registered in the default registry that `/metrics` serves.
+//! The balancer's metrics, registered in the default registry that `/metrics` serves. Names
+//! come from `shared::metrics` (a contract with dashboards and alerts); label values from the
+//! routing enums and [`HandoffOutcome`].
 
 use std::sync::LazyLock;
 
@@ -6,15 +8,17 @@ use pingora_prometheus::prometheus::{
     Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, register_histogram,
     register_int_counter_vec, register_int_gauge_vec,
 };
+use shared::metrics as names;
 
-/// Every balancer metric (names are a contract).
+use crate::routing::{Class, StickyReason};
+
+/// Every balancer metric.
 pub struct Metrics {
     /// Requests proxied, by worker and transport.
     pub requests: IntCounterVec,
     /// Open WebSockets, by worker.
     pub websockets: IntGaugeVec,
-    /// WebSocket connections handed to a supervised worker (`passed`), or relayed because
-    /// the handoff failed (`relayed`).
+    /// WebSocket connections handed to a supervised worker, or relayed because that failed.
     pub handoffs: IntCounterVec,
     /// New sessions placed, by worker.
     pub placed: IntCounterVec,
@@ -24,12 +28,34 @@ pub struct Metrics {
     pub rejects: IntCounterVec,
     /// Failures talking to a worker.
     pub upstream_errors: IntCounterVec,
-    /// 1 while a worker passes its health check.
+    /// 1 while a worker passes its probes.
     pub worker_up: IntGaugeVec,
     /// Worker process restarts by the supervisor.
     pub restarts: IntCounterVec,
     /// Time from request to response end (WebSockets excluded).
     pub duration: Histogram,
+}
+
+/// How a WebSocket handoff went: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffOutcome {
+    /// The worker took the client's connection.
+    Passed,
+    /// The pass failed; the WebSocket was relayed instead.
+    Relayed,
+}
+
+impl HandoffOutcome {
+    /// Every outcome.
+    pub const ALL: [HandoffOutcome; 2] = [HandoffOutcome::Passed, HandoffOutcome::Relayed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoffOutcome::Passed => "passed",
+            HandoffOutcome::Relayed => "relayed",
+        }
+    }
 }
 
 impl Metrics {
@@ -42,14 +68,14 @@ impl Metrics {
         handoff: bool,
     ) {
         if handoff {
-            for outcome in ["passed", "relayed"] {
-                self.handoffs.with_label_values(&[outcome]);
+            for outcome in HandoffOutcome::ALL {
+                self.handoffs.with_label_values(&[outcome.as_str()]);
             }
         }
-        for reason in ["malformed", "unknown_worker", "worker_down"] {
-            self.sticky_rejects.with_label_values(&[reason]);
+        for reason in StickyReason::ALL {
+            self.sticky_rejects.with_label_values(&[reason.as_str()]);
         }
-        for class in crate::rejections::Class::ALL {
+        for class in Class::ALL {
             self.rejects.with_label_values(&[class.as_str()]);
         }
         for w in worker_labels {
@@ -61,6 +87,11 @@ impl Metrics {
             }
         }
     }
+
+    /// Counts one WebSocket handoff.
+    pub fn handoff(&self, outcome: HandoffOutcome) {
+        self.handoffs.with_label_values(&[outcome.as_str()]).inc();
+    }
 }
 
 /// The process-wide metrics.
@@ -69,52 +100,54 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         register_int_counter_vec!(Opts::new(name, help), label).expect("unique metric name")
     };
     let g = |name: &str, help: &str| {
-        register_int_gauge_vec!(Opts::new(name, help), &["worker"]).expect("unique metric name")
+        register_int_gauge_vec!(Opts::new(name, help), &[names::LABEL_WORKER])
+            .expect("unique metric name")
     };
+    let worker = &[names::LABEL_WORKER];
     Metrics {
         requests: c(
-            "fleet_balancer_requests_total",
+            names::BALANCER_REQUESTS_TOTAL,
             "Requests proxied",
-            &["worker", "transport"],
+            &[names::LABEL_WORKER, names::LABEL_TRANSPORT],
         ),
-        websockets: g("fleet_balancer_websockets_active", "Open WebSockets"),
+        websockets: g(names::BALANCER_WEBSOCKETS_ACTIVE, "Open WebSockets"),
         handoffs: c(
-            "fleet_balancer_websocket_handoffs_total",
+            names::BALANCER_WEBSOCKET_HANDOFFS_TOTAL,
             "WebSockets passed to a supervised worker, or relayed when that failed",
-            &["outcome"],
+            &[names::LABEL_OUTCOME],
         ),
         placed: c(
-            "fleet_balancer_sessions_placed_total",
+            names::BALANCER_SESSIONS_PLACED_TOTAL,
             "New sessions placed",
-            &["worker"],
+            worker,
         ),
         sticky_rejects: c(
-            "fleet_balancer_sticky_rejects_total",
+            names::BALANCER_STICKY_REJECTS_TOTAL,
             "Requests refused by stickiness",
-            &["reason"],
+            &[names::LABEL_REASON],
         ),
         rejects: c(
-            "fleet_balancer_rejects_total",
+            names::BALANCER_REJECTS_TOTAL,
             "Requests refused by the balancer",
-            &["class"],
+            &[names::LABEL_CLASS],
         ),
         upstream_errors: c(
-            "fleet_balancer_upstream_errors_total",
+            names::BALANCER_UPSTREAM_ERRORS_TOTAL,
             "Failures talking to a worker",
-            &["worker"],
+            worker,
         ),
         worker_up: g(
-            "fleet_balancer_worker_up",
+            names::BALANCER_WORKER_UP,
             "1 while the worker passes its health check",
         ),
         restarts: c(
-            "fleet_balancer_worker_restarts_total",
+            names::BALANCER_WORKER_RESTARTS_TOTAL,
             "Worker restarts by the supervisor",
-            &["worker"],
+            worker,
         ),
         duration: register_histogram!(
             HistogramOpts::new(
-                "fleet_balancer_request_duration_seconds",
+                names::BALANCER_REQUEST_DURATION,
                 "Request duration, WebSockets excluded"
             )
             .buckets(vec![

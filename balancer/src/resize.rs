@@ -1,13 +1,12 @@
 //! Live resize: the fleet file is read again every few seconds, and a new `workers.count` is
 //! applied without a restart. Growing, new workers are started (when this balancer spawns
-//! them) and join placement once their `/readyz` answers; shrinking, the surplus workers leave
-//! placement first (their clients reconnect and are placed on the others), then drain and stop.
+//! them) and enter the view, where they join placement once a probe finds them ready;
+//! shrinking, the surplus workers leave the view first (their clients reconnect and are placed
+//! on the others), then drain and stop.
 //! Other changed keys take effect at the next restart, and the log says which. A file that no
 //! longer parses is reported, file, line and key, and the running fleet is kept.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,18 +15,10 @@ use pingora_core::services::background::BackgroundService;
 use shared::{FleetConfig, Shutdown};
 use tokio::sync::watch;
 
-use crate::load_poll;
 use crate::metrics::METRICS;
-use crate::upstreams::Upstreams;
 
 /// How often the fleet file is read again.
 const EVERY: Duration = Duration::from_secs(2);
-
-/// How often a starting worker is asked whether it is ready.
-const JOIN_POLL: Duration = Duration::from_millis(100);
-
-/// How long a new worker is waited for before it is routed anyway (health checks then decide).
-const JOIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Watches the fleet file and resizes the fleet to its `workers.count`.
 pub struct Resizer {
@@ -37,10 +28,8 @@ pub struct Resizer {
     pub running: FleetConfig,
     /// Workers the supervisor runs (when it spawns them).
     pub spawned: watch::Sender<u32>,
-    /// Workers in placement (what discovery lists).
+    /// Workers in the view (what discovery lists).
     pub routed: watch::Sender<u32>,
-    /// The workers as the proxy sees them.
-    pub upstreams: Arc<Upstreams>,
 }
 
 #[async_trait]
@@ -81,18 +70,15 @@ impl BackgroundService for Resizer {
                 );
                 continue;
             }
-            tokio::select! {
-                _ = self.resize(applied, cfg.workers.count) => applied = cfg.workers.count,
-                _ = shutdown.recv() => return,
-            }
+            self.resize(applied, cfg.workers.count);
+            applied = cfg.workers.count;
         }
     }
 }
 
 impl Resizer {
-    async fn resize(&self, from: u32, to: u32) {
+    fn resize(&self, from: u32, to: u32) {
         tracing::info!(from, to, "resizing the fleet");
-        let interval = Duration::from_millis(self.running.balancer.health_check_interval_ms);
         if to > from {
             let labels: Vec<String> = (from..to).map(FleetConfig::worker_id).collect();
             METRICS.init_series(
@@ -100,29 +86,14 @@ impl Resizer {
                 self.running.spawns_workers(),
                 false,
             );
+            // Started, and in the view at once: a new worker is placed on only once a probe
+            // finds it ready.
             self.spawned.send_replace(to);
-            // A new worker joins placement once it answers: pingora counts a new backend
-            // healthy until checked, and new sessions must not meet a worker still starting.
-            for i in from..to {
-                let Ok(addr) = self.running.worker_addr(i).parse::<SocketAddr>() else {
-                    continue;
-                };
-                let deadline = tokio::time::Instant::now() + JOIN_WAIT;
-                while !ready(addr, interval).await {
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::warn!(worker = %FleetConfig::worker_id(i), "new worker not ready yet; placing on it once its health checks pass");
-                        break;
-                    }
-                    tokio::time::sleep(JOIN_POLL).await;
-                }
-            }
             self.routed.send_replace(to);
-            self.upstreams.lb.update().await.ok();
         } else {
-            // Out of placement first (their sessions are refused and reconnect elsewhere),
-            // then drained and stopped.
+            // Out of the view first (their sessions are refused and reconnect elsewhere), then
+            // drained and stopped.
             self.routed.send_replace(to);
-            self.upstreams.lb.update().await.ok();
             self.spawned.send_replace(to);
         }
         tracing::info!(workers = to, "fleet resized");
@@ -148,13 +119,6 @@ fn needs_restart(running: &FleetConfig, new: &FleetConfig) -> Vec<&'static str> 
     .filter(|(_, same)| !same)
     .map(|(name, _)| name)
     .collect()
-}
-
-/// Whether the worker at `addr` answers `/readyz` with 200 within `limit`.
-async fn ready(addr: SocketAddr, limit: Duration) -> bool {
-    load_poll::get(addr, "/readyz", limit)
-        .await
-        .is_some_and(|answer| answer.split_whitespace().nth(1) == Some("200"))
 }
 
 #[cfg(test)]

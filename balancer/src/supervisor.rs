@@ -21,8 +21,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::handoff::{Channel, Handoffs};
 use crate::metrics::METRICS;
+use crate::proxy::handoff::{Channel, Handoffs};
 
 /// A worker that ran this long before dying is restarted without waiting.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::raw_http;
+use super::raw_http;
 
 /// The largest response head a worker may send.
 const MAX_HEAD: usize = 16 * 1024;

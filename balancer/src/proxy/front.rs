@@ -3,9 +3,8 @@
 //!
 //! Why: pingora reads a new connection's head under its keepalive timeout (60 s per read) and
 //! has no setting for it. Here a new connection starts with `balancer.header_timeout_secs`;
-//! the proxy restores the normal keepalive once a head has arrived
-//! ([`FleetProxy::early_request_filter`](crate::proxy::FleetProxy)). HTTP/1 only: Engine.IO
-//! clients do not speak h2c.
+//! the proxy restores the normal keepalive ([`KEEPALIVE_SECS`]) once a head has arrived. HTTP/1
+//! only: Engine.IO clients do not speak h2c.
 
 use std::sync::Arc;
 
@@ -14,22 +13,19 @@ use pingora_core::apps::{HttpServerApp, ServerApp};
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
-use pingora_proxy::HttpProxy;
-
-use crate::proxy::FleetProxy;
 
 /// Keepalive between requests once a connection has sent a complete head, in seconds.
 pub const KEEPALIVE_SECS: u64 = 60;
 
-/// The proxy behind a head timeout.
-pub struct Front {
-    proxy: Arc<HttpProxy<FleetProxy>>,
+/// An HTTP app (the proxy) behind a head timeout.
+pub struct Front<A> {
+    proxy: Arc<A>,
     header_timeout_secs: u64,
 }
 
-impl Front {
+impl<A> Front<A> {
     /// Wraps pingora's proxy app.
-    pub fn new(proxy: HttpProxy<FleetProxy>, header_timeout_secs: u64) -> Self {
+    pub fn new(proxy: A, header_timeout_secs: u64) -> Self {
         Front {
             proxy: Arc::new(proxy),
             header_timeout_secs,
@@ -38,7 +34,7 @@ impl Front {
 }
 
 #[async_trait]
-impl ServerApp for Front {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,

@@ -20,8 +20,8 @@ use shared::handoff;
 use tokio::net::UnixDatagram;
 use tokio::task::AbortHandle;
 
+use super::raw_http;
 use crate::metrics::METRICS;
-use crate::raw_http;
 
 /// Every live channel, by worker label (`w0`, `w1`, …: what the supervisor names a worker and
 /// the proxy's routing reports), with the task reading its close reports.

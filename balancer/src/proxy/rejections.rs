@@ -8,47 +8,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Class {
-    /// A path outside the Engine.IO path: 404.
-    NotFound,
-    /// A malformed Engine.IO query: 400.
-    BadRequest,
-    /// A sid that names no worker, a down worker, or is malformed: 400 Session ID unknown.
-    SessionUnknown,
-    /// A request head over `balancer.max_header_bytes`: 431.
-    HeaderTooLarge,
-    /// No worker is ready for a new session: 503.
-    NoWorker,
-    /// The chosen worker failed before answering: 502.
-    UpstreamFailed,
-}
-
-impl Class {
-    /// Every class.
-    pub const ALL: [Class; 6] = [
-        Class::NotFound,
-        Class::BadRequest,
-        Class::SessionUnknown,
-        Class::HeaderTooLarge,
-        Class::NoWorker,
-        Class::UpstreamFailed,
-    ];
-
-    /// The `class` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::NotFound => "not_found",
-            Class::BadRequest => "bad_request",
-            Class::SessionUnknown => "session_unknown",
-            Class::HeaderTooLarge => "header_too_large",
-            Class::NoWorker => "no_worker",
-            Class::UpstreamFailed => "upstream_failed",
-        }
-    }
-}
-
 /// How often the "and N more" summary may be logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,370 @@
+//! The pingora side: the `ProxyHttp` hooks, in phase order, carrying out the router's
+//! decision. `request_filter` asks [`Router::route`] and refuses, rewrites the sid, or takes a
+//! WebSocket out of pingora's loop (`handoff`, `ws_tunnel`); `upstream_peer` names the routed
+//! worker; the response hooks add the worker's tag to a new polling session's sid; `logging`
+//! counts.
+//!
+//! - [`front`]: the listener's connection loop (head timeout).
+//! - [`handoff`]: WebSockets passed to supervised workers; [`ws_tunnel`]: WebSockets relayed;
+//!   [`raw_http`]: what both take from pingora's session.
+//! - [`rejections`]: refusals logged once per class.
+
+pub mod front;
+pub mod handoff;
+pub mod raw_http;
+pub mod rejections;
+pub mod ws_tunnel;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{ProxyHttp, Session};
+use shared::FleetConfig;
+use shared::config::IpNetwork;
+
+use crate::metrics::{HandoffOutcome, METRICS};
+use crate::routing::{self, Carry, Class, Decision, Refusal, Route, Router};
+use crate::sticky::{Tag, open_packet};
+use crate::workers::Workers;
+use handoff::Handoffs;
+use rejections::RejectLog;
+
+/// How long to wait for a worker to accept a TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Per-request state: the route, once decided.
+pub struct Ctx {
+    route: Option<Route>,
+    /// Set on a polling handshake: the answer's sid gets this tag.
+    tag_answer: Option<Tag>,
+    /// The handshake answer, gathered until complete to be rewritten.
+    body: Vec<u8>,
+    /// The request became a WebSocket (counted by the websockets gauge, not the histogram).
+    websocket: bool,
+    started: Instant,
+}
+
+/// The front proxy.
+pub struct FleetProxy {
+    router: Router,
+    workers: Arc<Workers>,
+    handoffs: Arc<Handoffs>,
+    trusted: Vec<IpNetwork>,
+    upstream_read_timeout: Duration,
+    ws_read_timeout: Duration,
+    rejections: RejectLog,
+}
+
+impl FleetProxy {
+    /// A proxy for a fleet file's workers; WebSockets to workers with a channel in
+    /// `handoffs` are passed to them rather than relayed.
+    pub fn new(workers: Arc<Workers>, handoffs: Arc<Handoffs>, cfg: &FleetConfig) -> Self {
+        let heartbeat =
+            Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);
+        FleetProxy {
+            router: Router::new(cfg),
+            workers,
+            handoffs,
+            trusted: cfg.balancer.trusted_proxies.clone(),
+            // A long-poll is held up to a ping interval; allow a full heartbeat plus slack.
+            upstream_read_timeout: heartbeat + Duration::from_secs(5),
+            // An open WebSocket carries a ping every interval; twice the heartbeat is dead.
+            ws_read_timeout: heartbeat * 2,
+            rejections: RejectLog::default(),
+        }
+    }
+
+    /// What routing reads of the session's request.
+    fn request<'a>(&self, session: &'a Session) -> routing::Request<'a> {
+        let req = session.req_header();
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|peer| {
+            let xff = req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            routing::client_ip(peer.ip(), xff, &self.trusted)
+        });
+        routing::Request {
+            path: req.uri.path(),
+            query: req.uri.query(),
+            upgrade: session.is_upgrade_req(),
+            head_bytes: routing::head_size(req),
+            client,
+            nonce: fastrand::u64(..),
+        }
+    }
+
+    /// Answers a refused request itself, counted and logged once per class.
+    async fn refuse(&self, session: &mut Session, refusal: Refusal) -> Result<bool> {
+        if let Some(reason) = refusal.sticky {
+            METRICS
+                .sticky_rejects
+                .with_label_values(&[reason.as_str()])
+                .inc();
+        }
+        let class = refusal.class;
+        METRICS.rejects.with_label_values(&[class.as_str()]).inc();
+        let req = session.req_header();
+        let mut target = req.uri.to_string();
+        target.truncate(120);
+        let peer = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        self.rejections.note(
+            class.as_str(),
+            &format_args!("{} {target} from {peer}", req.method),
+        );
+        let (status, body) = class.response();
+        let mut resp = ResponseHeader::build(status, Some(3))?;
+        let json = body.starts_with('{');
+        let content_type = if json {
+            "application/json"
+        } else {
+            "text/plain"
+        };
+        resp.insert_header("Content-Type", content_type)?;
+        resp.insert_header("Content-Length", body.len().to_string())?;
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await?;
+        Ok(true)
+    }
+
+    /// X-Forwarded-For (see [`routing::forwarded_for`]) and X-Forwarded-Proto.
+    fn add_forwarded(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+        let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) else {
+            return Ok(());
+        };
+        let peer = peer.ip();
+        let previous = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let xff = routing::forwarded_for(peer, previous, &self.trusted);
+        let trusted = self.trusted.iter().any(|n| n.contains(&peer));
+        req.insert_header("X-Forwarded-For", xff)?;
+        if !trusted || req.headers.get("x-forwarded-proto").is_none() {
+            req.insert_header("X-Forwarded-Proto", "http")?;
+        }
+        Ok(())
+    }
+
+    /// A WebSocket upgrade, never through pingora's proxy loop: the client's connection is
+    /// passed to the worker when the route says so and the worker has a channel (`handoff`),
+    /// else tunnelled here (`ws_tunnel`).
+    async fn upgrade(&self, session: &mut Session, route: &Route, ctx: &mut Ctx) -> Result<bool> {
+        let mut req = session.req_header().clone();
+        self.add_forwarded(session, &mut req)?;
+        let label = route.worker.label();
+        let channel = (route.carry == Carry::HandOff)
+            .then(|| self.handoffs.get(label))
+            .flatten();
+        if let Some(channel) = channel {
+            let head = raw_http::serialize(&req);
+            match channel.pass(session, &head, CONNECT_TIMEOUT).await {
+                Ok(()) => {
+                    METRICS.handoff(HandoffOutcome::Passed);
+                    ctx.websocket = true;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    // E.g. the worker died a moment ago: its restart gets a new channel.
+                    METRICS.handoff(HandoffOutcome::Relayed);
+                    self.rejections.note(
+                        "handoff_failed",
+                        &format_args!("worker={label}: {e}; relaying the WebSocket instead"),
+                    );
+                }
+            }
+        }
+        let limits = ws_tunnel::Limits {
+            connect: CONNECT_TIMEOUT,
+            handshake: self.upstream_read_timeout,
+            idle: self.ws_read_timeout,
+        };
+        let open = METRICS.websockets.with_label_values(&[label]);
+        match ws_tunnel::run(session, route.worker.addr(), &req, &limits, open).await {
+            Ok(ws_tunnel::Outcome::Tunnelled) => ctx.websocket = true,
+            Ok(ws_tunnel::Outcome::Refused) => {}
+            Err(e) => {
+                tracing::debug!(worker = %label, "websocket upgrade failed: {e}");
+                METRICS.upstream_errors.with_label_values(&[label]).inc();
+                return self
+                    .refuse(session, Refusal::plain(Class::UpstreamFailed))
+                    .await;
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FleetProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: None,
+            tag_answer: None,
+            body: Vec::new(),
+            websocket: false,
+            started: Instant::now(),
+        }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // The head has arrived: from now on the connection idles under the normal keepalive.
+        session.set_keepalive(Some(front::KEEPALIVE_SECS));
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let decision = self
+            .router
+            .route(&self.request(session), &self.workers.snapshot());
+        let route = match decision {
+            Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
+            Decision::Route(route) => route,
+        };
+        match &route.session {
+            routing::Session::Existing { target } => {
+                let uri = target
+                    .parse()
+                    .or_err(ErrorType::InvalidHTTPHeader, "rewritten uri")?;
+                session.req_header_mut().set_uri(uri);
+            }
+            routing::Session::New => {
+                route.worker.load().placed();
+                METRICS
+                    .placed
+                    .with_label_values(&[route.worker.label()])
+                    .inc();
+            }
+        }
+        ctx.tag_answer = route.tag_answer();
+        if route.carry == Carry::Proxy {
+            ctx.route = Some(route);
+            return Ok(false);
+        }
+        let done = self.upgrade(session, &route, ctx).await;
+        ctx.route = Some(route);
+        done
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no worker chosen"))?;
+        let mut peer = HttpPeer::new(route.worker.addr(), false, String::new());
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.read_timeout = Some(self.upstream_read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.add_forwarded(session, req)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.tag_answer.is_some() {
+            if resp.status.as_u16() == 200 {
+                // The body grows by the tag: re-frame it rather than trust the old length.
+                resp.remove_header("Content-Length");
+                resp.insert_header("Transfer-Encoding", "chunked")?;
+            } else {
+                ctx.tag_answer = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let Some(tag) = ctx.tag_answer else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body.take() {
+            ctx.body.extend_from_slice(&chunk);
+        }
+        if end {
+            let original = std::mem::take(&mut ctx.body);
+            *body = Some(match open_packet::rewrite(&original, tag) {
+                Ok(rewritten) => Bytes::from(rewritten),
+                Err(e) => {
+                    let worker = ctx.route.as_ref().map(|r| r.worker.label());
+                    tracing::warn!(worker = ?worker, "handshake not rewritten: {e}");
+                    Bytes::from(original)
+                }
+            });
+        }
+        Ok(None)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+        // A dead worker fails every request on it: one line per kind, not per request.
+        // (WebSockets never get here: they leave pingora's proxy loop.)
+        let class = format!(
+            "{} error {}",
+            error.esource().as_str().to_lowercase(),
+            error.etype().as_str()
+        );
+        let (worker, transport) = ctx
+            .route
+            .as_ref()
+            .map_or(("", ""), |r| (r.worker.label(), r.transport.as_str()));
+        self.rejections.note(
+            &class,
+            &format_args!("worker={worker} transport={transport}: {error}"),
+        );
+        true
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let Some(route) = &ctx.route else { return };
+        let label = route.worker.label();
+        METRICS
+            .requests
+            .with_label_values(&[label, route.transport.as_str()])
+            .inc();
+        // A WebSocket counts itself in the websockets gauge while it lasts.
+        if !ctx.websocket {
+            METRICS
+                .duration
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+        if let Some(e) = e
+            && matches!(e.esource(), ErrorSource::Upstream)
+        {
+            METRICS.upstream_errors.with_label_values(&[label]).inc();
+            // pingora answered it (502/504): a refusal like any other, for `rejects_total`.
+            METRICS
+                .rejects
+                .with_label_values(&[Class::UpstreamFailed.as_str()])
+                .inc();
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The routing core: a request (what [`Request`] keeps of it) and a snapshot of the fleet in,
+//! a [`Decision`] out. No I/O, no clock, no globals: the proxy's hooks only carry decisions
+//! out, and the whole table is tested here without a socket.
+//!
+//! The rules, in order: a head over `max_header_bytes` is refused (431); a path outside the
+//! Engine.IO path is not ours (404); the query must parse and name a transport (400). Then a
+//! request with a sid goes to the worker its tag names, the tag removed, if that worker is up
+//! (else 400 "Session ID unknown", as a worker answers a sid it does not know, so the client
+//! reconnects); a request without one is a new session, placed by the configured policy (503
+//! if no worker is up). Upgrades are handed off or relayed; everything else is proxied.
+
+mod decision;
+mod request;
+#[cfg(test)]
+mod tests;
+
+use shared::FleetConfig;
+use shared::eio_query as query;
+
+pub use decision::{Carry, Class, Decision, Refusal, Route, Session, StickyReason, Transport};
+pub use request::{Request, client_ip, forwarded_for, head_size};
+
+use crate::sticky::TaggedSid;
+use crate::workers::Snapshot;
+
+/// The routing rules of one fleet file.
+#[derive(Debug, Clone)]
+pub struct Router {
+    path: String,
+    max_header_bytes: usize,
+    handoff: bool,
+}
+
+impl Router {
+    /// The rules for `cfg`: its Engine.IO path and head limit; WebSockets are handed off when
+    /// the balancer runs the workers and `workers.handoff` is on.
+    pub fn new(cfg: &FleetConfig) -> Self {
+        Router {
+            path: cfg.socketio.path.trim_end_matches('/').to_owned(),
+            max_header_bytes: cfg.balancer.max_header_bytes,
+            handoff: cfg.spawns_workers() && cfg.workers.handoff,
+        }
+    }
+
+    /// Decides where `req` goes in `fleet`.
+    pub fn route(&self, req: &Request<'_>, fleet: &Snapshot) -> Decision {
+        match self.try_route(req, fleet) {
+            Ok(route) => Decision::Route(route),
+            Err(refusal) => Decision::Refuse(refusal),
+        }
+    }
+
+    fn try_route(&self, req: &Request<'_>, fleet: &Snapshot) -> Result<Route, Refusal> {
+        if req.head_bytes > self.max_header_bytes {
+            return Err(Refusal::plain(Class::HeaderTooLarge));
+        }
+        if !query::under_path(req.path, &self.path) {
+            return Err(Refusal::plain(Class::NotFound));
+        }
+        let params = query::parse(req.query)
+            .map_err(|_| Refusal::sticky(Class::BadRequest, StickyReason::Malformed))?;
+        let transport = params
+            .transport
+            .as_deref()
+            .and_then(Transport::parse)
+            .ok_or(Refusal::plain(Class::BadRequest))?;
+        let carry = match (req.upgrade, self.handoff) {
+            (false, _) => Carry::Proxy,
+            (true, true) => Carry::HandOff,
+            (true, false) => Carry::Relay,
+        };
+        let (worker, session) = match params.sid.as_deref() {
+            Some(text) => {
+                let unknown = |reason| Refusal::sticky(Class::SessionUnknown, reason);
+                let tagged =
+                    TaggedSid::parse(text).map_err(|_| unknown(StickyReason::Malformed))?;
+                let worker = fleet
+                    .by_tag(tagged.tag)
+                    .ok_or(unknown(StickyReason::UnknownWorker))?;
+                if !worker.is_up() {
+                    return Err(unknown(StickyReason::WorkerDown));
+                }
+                // The worker sees exactly its own sid.
+                let target = format!(
+                    "{}?{}",
+                    req.path,
+                    query::with_sid(req.query.unwrap_or(""), tagged.sid)
+                );
+                (worker, Session::Existing { target })
+            }
+            None => {
+                let key = req.client.map(|ip| ip.to_string()).unwrap_or_default();
+                let worker = fleet
+                    .place(key.as_bytes(), req.nonce)
+                    .ok_or(Refusal::plain(Class::NoWorker))?;
+                (worker, Session::New)
+            }
+        };
+        Ok(Route {
+            worker: worker.clone(),
+            transport,
+            session,
+            carry,
+        })
+    }
+}
