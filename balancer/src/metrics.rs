@@ -22,6 +22,8 @@ pub struct Metrics {
     pub handoffs: IntCounterVec,
     /// New sessions placed, by worker.
     pub placed: IntCounterVec,
+    /// New sessions placed while no worker was up (panic mode), by worker.
+    pub panic_placements: IntCounterVec,
     /// Requests refused by stickiness, by reason.
     pub sticky_rejects: IntCounterVec,
     /// Requests refused by the balancer itself, by class.
@@ -81,6 +83,7 @@ impl Metrics {
         for w in worker_labels {
             self.upstream_errors.with_label_values(&[w]);
             self.placed.with_label_values(&[w]);
+            self.panic_placements.with_label_values(&[w]);
             self.websockets.with_label_values(&[w]);
             if supervised {
                 self.restarts.with_label_values(&[w]);
@@ -119,6 +122,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         placed: c(
             names::BALANCER_SESSIONS_PLACED_TOTAL,
             "New sessions placed",
+            worker,
+        ),
+        panic_placements: c(
+            names::BALANCER_PANIC_PLACEMENTS_TOTAL,
+            "New sessions placed while no worker passed its probe",
             worker,
         ),
         sticky_rejects: c(

@@ -80,6 +80,9 @@ pub const BALANCER_UPSTREAM_ERRORS_TOTAL: &str = "fleet_balancer_upstream_errors
 pub const BALANCER_WORKER_UP: &str = "fleet_balancer_worker_up";
 /// Counter by `worker`: worker process restarts by the supervisor.
 pub const BALANCER_WORKER_RESTARTS_TOTAL: &str = "fleet_balancer_worker_restarts_total";
+/// Counter by `worker`: new sessions placed while no worker passed its probe, on a worker that
+/// still answered (panic mode).
+pub const BALANCER_PANIC_PLACEMENTS_TOTAL: &str = "fleet_balancer_panic_placements_total";
 /// Histogram: time from request to response end (WebSockets excluded).
 pub const BALANCER_REQUEST_DURATION: &str = "fleet_balancer_request_duration_seconds";
 
@@ -94,6 +97,7 @@ pub const BALANCER_METRICS: &[&str] = &[
     BALANCER_UPSTREAM_ERRORS_TOTAL,
     BALANCER_WORKER_UP,
     BALANCER_WORKER_RESTARTS_TOTAL,
+    BALANCER_PANIC_PLACEMENTS_TOTAL,
     BALANCER_REQUEST_DURATION,
 ];
 

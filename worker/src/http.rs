@@ -16,7 +16,7 @@ use socketioxide::service::SocketIoService;
 
 use crate::conn::{ConnId, ConnRegistry};
 use crate::drain::DrainGate;
-use crate::health::Readiness;
+use crate::health::{Readiness, Status};
 use crate::metrics::WorkerMetrics;
 use crate::{FleetAdapter, Io};
 
@@ -86,12 +86,18 @@ fn count_connections(ctx: &HttpCtx) -> i64 {
     n
 }
 
-/// `/readyz`: 200 or 503 with the reason, both carrying the worker's load in
-/// [`READYZ_CONNECTIONS_HEADER`], so one probe tells the balancer readiness and load.
-fn readyz(ready: Result<(), String>, connections: i64) -> Response<Body> {
-    let mut res = match ready {
-        Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
-        Err(why) => text(
+/// `/readyz`: 200 (ready, or degraded with the reason) or 503 with the reason, each carrying
+/// the worker's load in [`READYZ_CONNECTIONS_HEADER`], so one probe tells the balancer
+/// readiness and load.
+fn readyz(status: Status, connections: i64) -> Response<Body> {
+    let mut res = match status {
+        Status::Ready => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        Status::Degraded(why) => text(
+            StatusCode::OK,
+            "text/plain",
+            format!("ready, degraded: {why}\n"),
+        ),
+        Status::NotReady(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             format!("{why}\n"),
@@ -218,8 +224,12 @@ mod tests {
     #[test]
     fn readyz_reports_the_load_either_way() {
         for (ready, status) in [
-            (Ok(()), StatusCode::OK),
-            (Err("draining".to_owned()), StatusCode::SERVICE_UNAVAILABLE),
+            (Status::Ready, StatusCode::OK),
+            (Status::Degraded("no redis".into()), StatusCode::OK),
+            (
+                Status::NotReady("draining".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
         ] {
             let res = readyz(ready, 42);
             assert_eq!(res.status(), status);

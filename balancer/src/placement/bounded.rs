@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::least_connections::least_loaded;
-use super::{Config, Placement, Ring, up};
+use super::{Admit, Config, Placement, Ring, admitted};
 use crate::workers::Worker;
 
 /// Consistent hashing with bounded load.
@@ -24,8 +24,14 @@ impl Placement for BoundedLoad {
         }
     }
 
-    fn choose(&self, workers: &[Arc<Worker>], key: &[u8], nonce: u64) -> Option<usize> {
-        let (count, total) = up(workers).fold((0, 0), |(n, sum), i| {
+    fn choose(
+        &self,
+        workers: &[Arc<Worker>],
+        key: &[u8],
+        nonce: u64,
+        admit: Admit<'_>,
+    ) -> Option<usize> {
+        let (count, total) = admitted(workers, admit).fold((0, 0), |(n, sum), i| {
             (n + 1, sum + workers[i].load().get().max(0))
         });
         if count == 0 {
@@ -34,9 +40,9 @@ impl Placement for BoundedLoad {
         let cap = bounded_cap(total, count, self.load_factor);
         self.ring
             .walk(key)
-            .find(|&i| workers[i].is_up() && workers[i].load().get() < cap)
+            .find(|&i| admit(&workers[i]) && workers[i].load().get() < cap)
             // Every point tried was full (loads moved under us): the least loaded instead.
-            .or_else(|| least_loaded(workers, nonce))
+            .or_else(|| least_loaded(workers, nonce, admit))
     }
 }
 
@@ -79,21 +85,21 @@ mod tests {
     #[test]
     fn an_address_sticks_while_loads_are_even() {
         let (workers, p) = built::<BoundedLoad>(3);
-        let first = p.choose(&workers, b"1.2.3.4", 0);
-        assert_eq!(p.choose(&workers, b"1.2.3.4", 99), first);
+        let first = p.choose(&workers, b"1.2.3.4", 0, &|w| w.is_up());
+        assert_eq!(p.choose(&workers, b"1.2.3.4", 99, &|w| w.is_up()), first);
     }
 
     #[test]
     fn a_full_worker_is_passed_over_and_a_down_one_never_chosen() {
         let (workers, p) = built::<BoundedLoad>(3);
-        let home = p.choose(&workers, b"k", 0).unwrap();
+        let home = p.choose(&workers, b"k", 0, &|w| w.is_up()).unwrap();
         workers[home]
             .load()
             .set_probed(100, std::time::Instant::now());
-        let other = p.choose(&workers, b"k", 0).unwrap();
+        let other = p.choose(&workers, b"k", 0, &|w| w.is_up()).unwrap();
         assert_ne!(other, home);
         workers[other].set_up(false);
-        let third = p.choose(&workers, b"k", 0).unwrap();
+        let third = p.choose(&workers, b"k", 0, &|w| w.is_up()).unwrap();
         assert!(third != other && third != home, "{third}");
     }
 

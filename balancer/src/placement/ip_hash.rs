@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Config, Placement, Ring};
+use super::{Admit, Config, Placement, Ring};
 use crate::workers::Worker;
 
 /// Consistent hashing of the client address.
@@ -18,8 +18,14 @@ impl Placement for IpHash {
         }
     }
 
-    fn choose(&self, workers: &[Arc<Worker>], key: &[u8], _: u64) -> Option<usize> {
-        self.ring.walk(key).find(|&i| workers[i].is_up())
+    fn choose(
+        &self,
+        workers: &[Arc<Worker>],
+        key: &[u8],
+        _: u64,
+        admit: Admit<'_>,
+    ) -> Option<usize> {
+        self.ring.walk(key).find(|&i| admit(&workers[i]))
     }
 }
 
@@ -31,13 +37,19 @@ mod tests {
     #[test]
     fn an_address_sticks_and_fails_over_to_the_next_on_the_ring() {
         let (workers, p) = built::<IpHash>(3);
-        let first = p.choose(&workers, b"1.2.3.4", 1).unwrap();
-        assert_eq!(p.choose(&workers, b"1.2.3.4", 2), Some(first));
+        let first = p.choose(&workers, b"1.2.3.4", 1, &|w| w.is_up()).unwrap();
+        assert_eq!(
+            p.choose(&workers, b"1.2.3.4", 2, &|w| w.is_up()),
+            Some(first)
+        );
         workers[first].set_up(false);
-        let next = p.choose(&workers, b"1.2.3.4", 3).unwrap();
+        let next = p.choose(&workers, b"1.2.3.4", 3, &|w| w.is_up()).unwrap();
         assert_ne!(next, first);
         workers[first].set_up(true);
-        assert_eq!(p.choose(&workers, b"1.2.3.4", 4), Some(first));
+        assert_eq!(
+            p.choose(&workers, b"1.2.3.4", 4, &|w| w.is_up()),
+            Some(first)
+        );
     }
 
     #[test]
@@ -53,6 +65,6 @@ mod tests {
         workers.iter().for_each(|w| {
             w.set_up(false);
         });
-        assert_eq!(p.choose(&workers, b"k", 0), None);
+        assert_eq!(p.choose(&workers, b"k", 0, &|w| w.is_up()), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Config, Placement};
+use super::{Admit, Config, Placement};
 use crate::workers::Worker;
 
 /// The least loaded worker.
@@ -14,13 +14,19 @@ impl Placement for LeastConnections {
         LeastConnections
     }
 
-    fn choose(&self, workers: &[Arc<Worker>], _: &[u8], nonce: u64) -> Option<usize> {
-        least_loaded(workers, nonce)
+    fn choose(
+        &self,
+        workers: &[Arc<Worker>],
+        _: &[u8],
+        nonce: u64,
+        admit: Admit<'_>,
+    ) -> Option<usize> {
+        least_loaded(workers, nonce, admit)
     }
 }
 
-/// The up worker with the lowest load, scanning from a random start so ties spread.
-pub(super) fn least_loaded(workers: &[Arc<Worker>], nonce: u64) -> Option<usize> {
+/// The admitted worker with the lowest load, scanning from a random start so ties spread.
+pub(super) fn least_loaded(workers: &[Arc<Worker>], nonce: u64, admit: Admit<'_>) -> Option<usize> {
     let n = workers.len();
     if n == 0 {
         return None;
@@ -28,7 +34,7 @@ pub(super) fn least_loaded(workers: &[Arc<Worker>], nonce: u64) -> Option<usize>
     let start = (nonce % n as u64) as usize;
     (0..n)
         .map(|i| (start + i) % n)
-        .filter(|&i| workers[i].is_up())
+        .filter(|&i| admit(&workers[i]))
         .min_by_key(|&i| workers[i].load().get())
 }
 
@@ -50,7 +56,7 @@ mod tests {
         workers[0].load().set_probed(5, std::time::Instant::now());
         workers[2].load().set_probed(7, std::time::Instant::now());
         for nonce in 0..10 {
-            assert_eq!(p.choose(&workers, b"", nonce), Some(0));
+            assert_eq!(p.choose(&workers, b"", nonce, &|w| w.is_up()), Some(0));
         }
     }
 }

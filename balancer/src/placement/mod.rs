@@ -41,8 +41,15 @@ pub trait Placement: Send + Sync + 'static {
         Self: Sized;
 
     /// The index in `workers` (the same slice it was built over) of the worker a new session
-    /// from `key` goes to; `None` when no worker is up. `nonce` is random per call.
-    fn choose(&self, workers: &[Arc<Worker>], key: &[u8], nonce: u64) -> Option<usize>;
+    /// from `key` goes to, among those `admit` accepts (normally: up); `None` when it accepts
+    /// none. `nonce` is random per call.
+    fn choose(
+        &self,
+        workers: &[Arc<Worker>],
+        key: &[u8],
+        nonce: u64,
+        admit: Admit<'_>,
+    ) -> Option<usize>;
 }
 
 /// The configured policy, built over `workers`.
@@ -58,12 +65,15 @@ pub fn build(config: &Config, workers: &[Arc<Worker>]) -> Box<dyn Placement> {
     }
 }
 
-/// Indices of the workers that are up.
-fn up(workers: &[Arc<Worker>]) -> impl Iterator<Item = usize> + '_ {
+/// Which workers a choice may fall on.
+pub type Admit<'a> = &'a dyn Fn(&Worker) -> bool;
+
+/// Indices of the workers `admit` accepts.
+fn admitted<'a>(workers: &'a [Arc<Worker>], admit: Admit<'a>) -> impl Iterator<Item = usize> + 'a {
     workers
         .iter()
         .enumerate()
-        .filter(|(_, w)| w.is_up())
+        .filter(move |(_, w)| admit(w))
         .map(|(i, _)| i)
 }
 
@@ -116,7 +126,9 @@ pub(crate) mod testing {
         key: impl Fn(usize) -> Vec<u8>,
     ) -> Vec<i64> {
         for i in 0..clients {
-            let chosen = p.choose(workers, &key(i), fastrand::u64(..)).unwrap();
+            let chosen = p
+                .choose(workers, &key(i), fastrand::u64(..), &|w| w.is_up())
+                .unwrap();
             workers[chosen].load().placed();
         }
         workers.iter().map(|w| w.load().get()).collect()

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Config, Placement, up};
+use super::{Admit, Config, Placement, admitted};
 use crate::workers::Worker;
 
 /// A uniformly random worker.
@@ -13,12 +13,18 @@ impl Placement for Random {
         Random
     }
 
-    fn choose(&self, workers: &[Arc<Worker>], _: &[u8], nonce: u64) -> Option<usize> {
-        let count = up(workers).count();
+    fn choose(
+        &self,
+        workers: &[Arc<Worker>],
+        _: &[u8],
+        nonce: u64,
+        admit: Admit<'_>,
+    ) -> Option<usize> {
+        let count = admitted(workers, admit).count();
         if count == 0 {
             return None;
         }
-        up(workers).nth((nonce % count as u64) as usize)
+        admitted(workers, admit).nth((nonce % count as u64) as usize)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod raw_http;
 pub mod rejections;
 pub mod ws_tunnel;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::{ProxyHttp, ProxyWarnLogContext, Session};
 use shared::FleetConfig;
 use shared::config::IpNetwork;
 
@@ -37,9 +38,15 @@ use rejections::RejectLog;
 /// How long to wait for a worker to accept a TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// New-session placements tried per request: the first, and others after refusals.
+const MAX_PLACEMENTS: usize = 3;
+
 /// Per-request state: the route, once decided.
 pub struct Ctx {
     route: Option<Route>,
+    /// A new session's placement key, and the workers that refused it.
+    key: Vec<u8>,
+    tried: Vec<SocketAddr>,
     /// Set on a polling handshake: the answer's sid gets this tag.
     tag_answer: Option<Tag>,
     /// The handshake answer, gathered until complete to be rewritten.
@@ -157,10 +164,68 @@ impl FleetProxy {
         Ok(())
     }
 
-    /// A WebSocket upgrade, never through pingora's proxy loop: the client's connection is
-    /// passed to the worker when the route says so and the worker has a channel (`handoff`),
-    /// else tunnelled here (`ws_tunnel`).
-    async fn upgrade(&self, session: &mut Session, route: &Route, ctx: &mut Ctx) -> Result<bool> {
+    /// Counts a new session on its worker (load, metrics; a panic placement logged once).
+    fn count_placement(&self, route: &Route) {
+        let label = route.worker.label();
+        route.worker.load().placed();
+        METRICS.placed.with_label_values(&[label]).inc();
+        if route.panic {
+            METRICS.panic_placements.with_label_values(&[label]).inc();
+            self.rejections.note(
+                "panic_placement",
+                &format_args!(
+                    "no worker passes its probe: new sessions go to every worker that still answers ({label})"
+                ),
+            );
+        }
+    }
+
+    /// After the routed worker failed a new session before answering: another worker for it,
+    /// if one is left. True when the route now names it.
+    fn place_again(&self, ctx: &mut Ctx) -> bool {
+        let Some(route) = ctx.route.as_mut() else {
+            return false;
+        };
+        if route.session != routing::Session::New || ctx.tried.len() + 1 >= MAX_PLACEMENTS {
+            return false;
+        }
+        ctx.tried.push(route.worker.addr());
+        let snapshot = self.workers.snapshot();
+        let Some(placed) = snapshot.place(&ctx.key, fastrand::u64(..), &ctx.tried) else {
+            return false;
+        };
+        route.worker = Arc::clone(placed.worker);
+        route.panic = placed.panic;
+        ctx.tag_answer = route.tag_answer();
+        self.count_placement(route);
+        true
+    }
+
+    /// A WebSocket upgrade, never through pingora's proxy loop. A new session whose worker
+    /// fails before answering is placed again, as in `fail_to_connect`.
+    async fn upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        loop {
+            let route = ctx.route.clone().expect("routed before upgrading");
+            if let Some(done) = self.upgrade_to(session, &route, ctx).await? {
+                return Ok(done);
+            }
+            if !self.place_again(ctx) {
+                return self
+                    .refuse(session, Refusal::plain(Class::UpstreamFailed))
+                    .await;
+            }
+        }
+    }
+
+    /// One attempt: the client's connection is passed to the worker when the route says so
+    /// and the worker has a channel (`handoff`), else tunnelled here (`ws_tunnel`). `None`
+    /// when the worker failed before the client was sent anything.
+    async fn upgrade_to(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        ctx: &mut Ctx,
+    ) -> Result<Option<bool>> {
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req)?;
         let label = route.worker.label();
@@ -173,7 +238,7 @@ impl FleetProxy {
                 Ok(()) => {
                     METRICS.handoff(HandoffOutcome::Passed);
                     ctx.websocket = true;
-                    return Ok(true);
+                    return Ok(Some(true));
                 }
                 Err(e) => {
                     // E.g. the worker died a moment ago: its restart gets a new channel.
@@ -197,12 +262,10 @@ impl FleetProxy {
             Err(e) => {
                 tracing::debug!(worker = %label, "websocket upgrade failed: {e}");
                 METRICS.upstream_errors.with_label_values(&[label]).inc();
-                return self
-                    .refuse(session, Refusal::plain(Class::UpstreamFailed))
-                    .await;
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(true))
     }
 }
 
@@ -213,6 +276,8 @@ impl ProxyHttp for FleetProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             route: None,
+            key: Vec::new(),
+            tried: Vec::new(),
             tag_answer: None,
             body: Vec::new(),
             websocket: false,
@@ -227,9 +292,9 @@ impl ProxyHttp for FleetProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let decision = self
-            .router
-            .route(&self.request(session), &self.workers.snapshot());
+        let request = self.request(session);
+        let decision = self.router.route(&request, &self.workers.snapshot());
+        ctx.key = routing::placement_key(&request);
         let route = match decision {
             Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
             Decision::Route(route) => route,
@@ -241,22 +306,47 @@ impl ProxyHttp for FleetProxy {
                     .or_err(ErrorType::InvalidHTTPHeader, "rewritten uri")?;
                 session.req_header_mut().set_uri(uri);
             }
-            routing::Session::New => {
-                route.worker.load().placed();
-                METRICS
-                    .placed
-                    .with_label_values(&[route.worker.label()])
-                    .inc();
-            }
+            routing::Session::New => self.count_placement(&route),
         }
         ctx.tag_answer = route.tag_answer();
-        if route.carry == Carry::Proxy {
-            ctx.route = Some(route);
-            return Ok(false);
-        }
-        let done = self.upgrade(session, &route, ctx).await;
+        let carry = route.carry;
         ctx.route = Some(route);
-        done
+        match carry {
+            Carry::Proxy => Ok(false),
+            Carry::HandOff | Carry::Relay => self.upgrade(session, ctx).await,
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // A new session whose worker refused (it died a moment ago, before its probes said
+        // so) is placed on another worker in the same request: the client never sees a 502.
+        if self.place_again(ctx) {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        error: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        self.rejections.note(
+            "placed_again",
+            &format_args!(
+                "{error}; the new session went to another worker ({} tried)",
+                ctx.tried.len()
+            ),
+        );
+        true
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

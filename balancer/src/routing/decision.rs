@@ -27,6 +27,8 @@ pub struct Route {
     pub session: Session,
     /// How the request reaches it.
     pub carry: Carry,
+    /// No worker was up: the worker only still answers its probes (panic mode).
+    pub panic: bool,
 }
 
 impl Route {

@@ -23,6 +23,13 @@ pub use request::{Request, client_ip, forwarded_for, head_size};
 use crate::sticky::TaggedSid;
 use crate::workers::Snapshot;
 
+/// What new sessions from `req` are placed by: the client's address.
+pub fn placement_key(req: &Request<'_>) -> Vec<u8> {
+    req.client
+        .map(|ip| ip.to_string().into_bytes())
+        .unwrap_or_default()
+}
+
 /// The routing rules of one fleet file.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -69,7 +76,7 @@ impl Router {
             (true, true) => Carry::HandOff,
             (true, false) => Carry::Relay,
         };
-        let (worker, session) = match params.sid.as_deref() {
+        let (worker, session, panic) = match params.sid.as_deref() {
             Some(text) => {
                 let unknown = |reason| Refusal::sticky(Class::SessionUnknown, reason);
                 let tagged =
@@ -77,7 +84,9 @@ impl Router {
                 let worker = fleet
                     .by_tag(tagged.tag)
                     .ok_or(unknown(StickyReason::UnknownWorker))?;
-                if !worker.is_up() {
+                // In panic mode (no worker up) a worker that still answers keeps its sessions.
+                let panic = !worker.is_up() && worker.answers() && fleet.ready() == 0;
+                if !worker.is_up() && !panic {
                     return Err(unknown(StickyReason::WorkerDown));
                 }
                 // The worker sees exactly its own sid.
@@ -86,14 +95,13 @@ impl Router {
                     req.path,
                     query::with_sid(req.query.unwrap_or(""), tagged.sid)
                 );
-                (worker, Session::Existing { target })
+                (worker, Session::Existing { target }, panic)
             }
             None => {
-                let key = req.client.map(|ip| ip.to_string()).unwrap_or_default();
-                let worker = fleet
-                    .place(key.as_bytes(), req.nonce)
+                let placed = fleet
+                    .place(&placement_key(req), req.nonce, &[])
                     .ok_or(Refusal::plain(Class::NoWorker))?;
-                (worker, Session::New)
+                (placed.worker, Session::New, placed.panic)
             }
         };
         Ok(Route {
@@ -101,6 +109,7 @@ impl Router {
             transport,
             session,
             carry,
+            panic,
         })
     }
 }

@@ -288,3 +288,43 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn with_no_worker_up_a_worker_that_answers_takes_new_sessions_and_keeps_its_own() {
+    let fleet = fleet(true);
+    let router = router(true);
+    let query = "EIO=4&transport=polling";
+    let req = request("/socket.io/", Some(query), false);
+    assert_eq!(
+        refusal(&router.route(&req, &fleet)),
+        Some(Refusal::plain(Class::NoWorker)),
+        "nobody answers: refused"
+    );
+    fleet.workers()[2].set_answers(true);
+    let r = route(router.route(&req, &fleet));
+    assert!(r.panic && Arc::ptr_eq(&r.worker, &fleet.workers()[2]));
+    assert_eq!(r.tag_answer(), Some(fleet.workers()[2].tag()));
+    let tagged = TaggedSid::encode(fleet.workers()[2].tag(), "AAAA");
+    let query = format!("EIO=4&transport=polling&sid={tagged}");
+    let r = route(router.route(&request("/socket.io/", Some(&query), false), &fleet));
+    assert!(r.panic && Arc::ptr_eq(&r.worker, &fleet.workers()[2]));
+    // A silent worker's sessions stay refused; so do all once one worker is up again.
+    let silent = TaggedSid::encode(fleet.workers()[0].tag(), "AAAA");
+    let query = format!("EIO=4&transport=polling&sid={silent}");
+    assert_eq!(
+        refusal(&router.route(&request("/socket.io/", Some(&query), false), &fleet)),
+        Some(Refusal::sticky(
+            Class::SessionUnknown,
+            StickyReason::WorkerDown
+        ))
+    );
+    fleet.workers()[1].set_up(true);
+    let query = format!("EIO=4&transport=polling&sid={tagged}");
+    assert_eq!(
+        refusal(&router.route(&request("/socket.io/", Some(&query), false), &fleet)),
+        Some(Refusal::sticky(
+            Class::SessionUnknown,
+            StickyReason::WorkerDown
+        ))
+    );
+}

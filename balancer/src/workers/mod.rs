@@ -53,16 +53,41 @@ impl Snapshot {
         self.by_tag.get(&tag).map(|&i| &self.workers[i])
     }
 
-    /// The worker for a new session from `key` (see [`Placement::choose`]).
-    pub fn place(&self, key: &[u8], nonce: u64) -> Option<&Arc<Worker>> {
-        let i = self.placement.choose(&self.workers, key, nonce)?;
-        self.workers.get(i)
+    /// The worker for a new session from `key` (see [`Placement::choose`]), never one in
+    /// `exclude` (workers that just refused the connection). Among the workers that are up; if
+    /// none is, among those that still answer their probes (a panic placement, as Envoy's
+    /// panic threshold: refusing everyone while workers are alive helps nobody).
+    pub fn place(&self, key: &[u8], nonce: u64, exclude: &[SocketAddr]) -> Option<Placed<'_>> {
+        let fresh = |w: &Worker| !exclude.contains(&w.addr());
+        let up = |w: &Worker| w.is_up() && fresh(w);
+        if let Some(i) = self.placement.choose(&self.workers, key, nonce, &up) {
+            return Some(Placed {
+                worker: &self.workers[i],
+                panic: false,
+            });
+        }
+        let answering = |w: &Worker| w.answers() && fresh(w);
+        let i = self
+            .placement
+            .choose(&self.workers, key, nonce, &answering)?;
+        Some(Placed {
+            worker: &self.workers[i],
+            panic: true,
+        })
     }
 
     /// How many workers are up.
     pub fn ready(&self) -> usize {
         self.workers.iter().filter(|w| w.is_up()).count()
     }
+}
+
+/// A placement: the worker, and whether it was a panic placement (no worker up).
+pub struct Placed<'a> {
+    /// The chosen worker.
+    pub worker: &'a Arc<Worker>,
+    /// True when no worker was up and the choice fell among those still answering.
+    pub panic: bool,
 }
 
 /// The live view, shared by everything in the balancer.
@@ -177,9 +202,35 @@ mod tests {
         let w = &snap.workers()[1];
         assert!(Arc::ptr_eq(snap.by_tag(w.tag()).unwrap(), w));
         assert!(snap.by_tag(Tag::derive("other", "x")).is_none());
-        assert!(snap.place(b"k", 0).is_none(), "nobody up yet");
+        assert!(
+            snap.place(b"k", 0, &[]).is_none(),
+            "nobody up or answering yet"
+        );
         w.set_up(true);
-        assert!(Arc::ptr_eq(snap.place(b"k", 0).unwrap(), w));
+        let placed = snap.place(b"k", 0, &[]).unwrap();
+        assert!(Arc::ptr_eq(placed.worker, w) && !placed.panic);
+        assert!(snap.place(b"k", 0, &[w.addr()]).is_none(), "excluded");
+    }
+
+    #[test]
+    fn with_no_worker_up_sessions_go_to_workers_that_still_answer() {
+        let view = view();
+        view.set_members(&members(&[1, 2, 3]));
+        let snap = view.snapshot();
+        let (a, b) = (&snap.workers()[0], &snap.workers()[1]);
+        a.set_answers(true);
+        b.set_answers(true);
+        let placed = snap.place(b"k", 0, &[]).unwrap();
+        assert!(placed.panic);
+        assert!(
+            !Arc::ptr_eq(placed.worker, &snap.workers()[2]),
+            "the silent one never"
+        );
+        let other = snap.place(b"k", 0, &[placed.worker.addr()]).unwrap();
+        assert!(other.panic && !Arc::ptr_eq(other.worker, placed.worker));
+        b.set_up(true);
+        let placed = snap.place(b"k", 0, &[]).unwrap();
+        assert!(!placed.panic && Arc::ptr_eq(placed.worker, b));
     }
 
     #[test]

@@ -145,6 +145,7 @@ async fn watch_worker(worker: Arc<Worker>, rules: Rules, first: oneshot::Sender<
         {
             worker.load().set_probed(*n, asked);
         }
+        worker.set_answers(result.is_ok());
         let ready = result.as_ref().is_ok_and(Answer::is_ready);
         failed = if ready { 0 } else { failed + 1 };
         let up = ready || (worker.is_up() && failed < rules.failures);

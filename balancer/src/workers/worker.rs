@@ -17,6 +17,7 @@ pub struct Worker {
     label: Arc<str>,
     tag: Tag,
     up: AtomicBool,
+    answers: AtomicBool,
     load: Load,
 }
 
@@ -30,6 +31,7 @@ impl Worker {
             label: label.into(),
             tag: Tag::derive(secret, &addr.to_string()),
             up: AtomicBool::new(false),
+            answers: AtomicBool::new(false),
             load: Load::default(),
         }
     }
@@ -57,6 +59,17 @@ impl Worker {
     /// Records a health verdict; true when it changed.
     pub fn set_up(&self, up: bool) -> bool {
         self.up.swap(up, Ordering::Relaxed) != up
+    }
+
+    /// Whether its last probe got an HTTP answer, ready or not: it still accepts connections,
+    /// so it can take sessions when no worker is up (panic placement).
+    pub fn answers(&self) -> bool {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the last probe got an answer.
+    pub fn set_answers(&self, answers: bool) {
+        self.answers.store(answers, Ordering::Relaxed);
     }
 
     /// Its load.

@@ -27,8 +27,10 @@ const PING_EVERY: Duration = Duration::from_millis(500);
 pub enum LinkState {
     /// Connected and subscribed to every wanted channel.
     Up,
-    /// Not connected; the text says what is being waited for.
-    Down(String),
+    /// Never connected since start; the text says what is being waited for.
+    Connecting(String),
+    /// Connected before, lost since: reconnecting (local delivery goes on meanwhile).
+    Lost(String),
 }
 
 /// Errors the driver can report (only for `num_serv`; publishes are absorbed, see module doc).
@@ -92,8 +94,10 @@ impl RedisLink {
             .set_protocol(redis::ProtocolVersion::RESP3);
         let info = info.set_redis_settings(settings);
         let client = redis::Client::open(info)?;
-        let (state_tx, _) =
-            watch::channel(LinkState::Down(format!("connecting to {}", redact(url))));
+        let (state_tx, _) = watch::channel(LinkState::Connecting(format!(
+            "connecting to {}",
+            redact(url)
+        )));
         metrics.redis_up.set(0);
         Ok(RedisLink {
             inner: Arc::new(Inner {
@@ -140,7 +144,7 @@ impl RedisLink {
                     tokio::select! {
                         reason = self.watch_until_broken() => {
                             tracing::warn!(url = %self.inner.url_for_logs, %reason, "redis link lost; local delivery continues, reconnecting");
-                            self.mark_down(format!("reconnecting to {} ({reason})", self.inner.url_for_logs));
+                            self.mark_down(LinkState::Lost(format!("reconnecting to {} ({reason})", self.inner.url_for_logs)));
                         }
                         _ = shutdown.recv() => return,
                     }
@@ -148,11 +152,16 @@ impl RedisLink {
                 Err(e) => {
                     let what = format!("waiting for redis at {} ({e})", self.inner.url_for_logs);
                     // One line per change of cause, plus a reminder every 20 failures.
-                    let changed = *self.inner.state_tx.borrow() != LinkState::Down(what.clone());
+                    let state = if ever_up {
+                        LinkState::Lost(what.clone())
+                    } else {
+                        LinkState::Connecting(what.clone())
+                    };
+                    let changed = *self.inner.state_tx.borrow() != state;
                     if changed || backoff.failures().is_multiple_of(20) {
                         tracing::warn!(attempt = backoff.failures() + 1, "{what}; retrying");
                     }
-                    self.mark_down(what);
+                    self.mark_down(state);
                 }
             }
             let delay = backoff.next_delay();
@@ -175,9 +184,9 @@ impl RedisLink {
         });
     }
 
-    fn mark_down(&self, why: String) {
+    fn mark_down(&self, state: LinkState) {
         *self.inner.conn.lock().unwrap() = None;
-        self.set_state(LinkState::Down(why));
+        self.set_state(state);
     }
 
     async fn connect_and_subscribe(&self) -> Result<(), LinkError> {
