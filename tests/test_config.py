@@ -1,5 +1,6 @@
 """A wrong fleet file is refused with file, key and line; nothing starts."""
 
+import os
 import subprocess
 
 from fleet_harness import BIN_DIR, free_port, port_open
@@ -58,3 +59,14 @@ def test_help_explains_both_modes():
         assert flag in r.stdout
     r = subprocess.run([str(BIN_DIR / "worker"), "--listen", "127.0.0.1:1"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2
+
+
+def test_standalone_worker_needs_a_redis_url_from_the_flag_or_the_environment():
+    """--redis may be left out for FLEET_REDIS_URL (a password stays off the command line), but
+    one of the two is needed, and the environment's is checked like the flag's."""
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_REDIS_URL"}
+    args = [str(BIN_DIR / "worker"), "--listen", f"127.0.0.1:{free_port()}", "--id", "x"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=10, env=env)
+    assert r.returncode == 2 and "FLEET_REDIS_URL" in r.stderr, r.stderr
+    r = subprocess.run(args, capture_output=True, text=True, timeout=10, env={**env, "FLEET_REDIS_URL": "http://x:1"})
+    assert r.returncode == 2 and "--redis: scheme must be redis://" in r.stderr, r.stderr

@@ -44,6 +44,22 @@ fn main() -> ExitCode {
     };
     // Workers get an absolute path: they may resolve it from another directory.
     let path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
+    raise_fd_limit();
     tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_listen, workers = cfg.workers.count, "balancer starting");
     balancer::serve(&cfg, path).run_forever()
+}
+
+/// Raises the open-file limit to the hard limit (the workers it starts inherit it) and logs the
+/// proxied connections it allows.
+fn raise_fd_limit() {
+    use shared::fd_limit::{BALANCER_FDS_PER_CONNECTION, raise_nofile};
+    match raise_nofile() {
+        Ok(limits) => tracing::info!(
+            nofile = limits.soft,
+            was = limits.was,
+            connections = limits.connections(BALANCER_FDS_PER_CONNECTION),
+            "open-file limit"
+        ),
+        Err(e) => tracing::warn!(cause = %e, "cannot raise the open-file limit"),
+    }
 }

@@ -8,11 +8,9 @@
 //! - [`stats`]: counters, HDR histograms, exactly-once bookkeeping, mergeable snapshots.
 //! - [`run`]: one process's share of the clients, phase by phase.
 //! - [`procs`]: one process or several, with the live line; [`report`]: table, JSON, verdict.
-//! - [`limits`]: the open-file limit.
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod limits;
 pub mod procs;
 pub mod protocol;
 pub mod report;

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use loadtest::procs;
 use loadtest::report::Report;
 use loadtest::scenario::{Scenario, Transport};
-use loadtest::{limits, procs};
 
 /// Socket.IO load generator: clients join rooms, publishers publish, every delivery is
 /// accounted for exactly once. Flags override the scenario file.
@@ -117,7 +117,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = limits::raise_nofile() {
+    // A client holds one socket (two with polling): as many as the machine allows.
+    if let Err(e) = shared::fd_limit::raise_nofile() {
         eprintln!("loadtest: cannot raise the open-file limit: {e}");
     }
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");

@@ -1,4 +1,5 @@
-//! What every fleet binary agrees on: the fleet YAML, metric names, backoff and shutdown.
+//! What every fleet binary agrees on: the fleet YAML, metric names, backoff, shutdown and
+//! the open-file limit.
 //!
 //! # Layout
 //! - [`config`]: `FleetConfig`, parsed and validated from the fleet YAML; errors name file, key, line.
@@ -9,12 +10,14 @@
 //! - [`eio_query`]: the Engine.IO query parameters (`sid`, `transport`), parsed and rewritten.
 //! - [`protocol`]: the default app's event names and limits.
 //! - [`handoff`]: passing a client's connection from the balancer to a worker (SCM_RIGHTS).
+//! - [`fd_limit`]: the open-file limit, raised to the hard limit at start.
 #![warn(missing_docs)]
 
 pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod eio_query;
+pub mod fd_limit;
 pub mod handoff;
 pub mod metrics;
 pub mod protocol;

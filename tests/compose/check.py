@@ -1,7 +1,11 @@
 """From the host, against `docker compose up` of deploy/compose.yaml: official-protocol clients
 connect through the published port and a room broadcast crosses workers; Prometheus shows the
-balancer and every worker up and counts the clients; the image's HEALTHCHECK passes."""
+balancer and every worker up and counts the clients, evaluates every rule, and reaches
+Alertmanager; the fleet container runs as uid 10001 on a read-only root with no capabilities,
+its admin port published on 127.0.0.1 only, every process at the open-file limit compose gave
+it; the image's HEALTHCHECK passes."""
 
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +20,8 @@ from fleet_harness import Client, metric, parse_metrics, wait_until  # noqa: E40
 ROOT = Path(__file__).resolve().parent.parent.parent
 COUNT = yaml.safe_load((ROOT / "deploy/fleet.yaml").read_text())["workers"]["count"]
 FLEET, ADMIN, PROM = "http://127.0.0.1:8080", "http://127.0.0.1:9100", "http://127.0.0.1:9090/api/v1"
+ALERTMANAGER = "http://127.0.0.1:9093"
+NOFILE = int(os.environ.get("NOFILE", "65536"))  # what tests/compose/run asked compose for
 
 
 def ok(url):
@@ -59,11 +65,40 @@ def main():
     wait_until(lambda: connections() == len(clients), 60, interval=1, what="sum(fleet_worker_connections) == clients")
     print(f"compose check: Prometheus has {len(want)} targets up and counts {len(clients)} connections")
 
+    # Every fleet process (the balancer and each worker) raised its soft limit to compose's.
+    def max_fds():
+        r = requests.get(PROM + "/query", params={"query": 'process_max_fds{job=~"fleet-.*"}'}, timeout=2).json()
+        return sorted(float(x["value"][1]) for x in r["data"]["result"])
+    wait_until(lambda: max_fds() == [NOFILE] * (COUNT + 1), 30, interval=1,
+               what=f"process_max_fds == {NOFILE} for the balancer and {COUNT} workers")
+    print(f"compose check: the balancer and {COUNT} workers run with {NOFILE} open files (ulimits: nofile)")
+
+    def rules_healthy():
+        groups = requests.get(PROM + "/rules", timeout=2).json()["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return len(rules) > 10 and all(r["health"] == "ok" and r.get("lastEvaluation", "").startswith("2")
+                                       for r in rules) and len(rules)
+    n = wait_until(rules_healthy, 30, interval=1, what="every rule evaluated without error")
+    wait_until(lambda: requests.get(PROM + "/alertmanagers", timeout=2).json()["data"]["activeAlertmanagers"], 30,
+               interval=1, what="Prometheus discovers Alertmanager")
+    assert requests.get(ALERTMANAGER + "/api/v2/status", timeout=2).status_code == 200
+    print(f"compose check: {n} recording and alerting rules evaluate; Prometheus sends alerts to Alertmanager")
+
     cid = subprocess.run(["docker-compose", "-f", str(ROOT / "deploy/compose.yaml"), "ps", "-q", "fleet"],
                          capture_output=True, text=True, check=True).stdout.strip()
     hc = subprocess.run(["podman", "healthcheck", "run", cid], capture_output=True, text=True)
     assert hc.returncode == 0, f"HEALTHCHECK failed: {hc.stdout} {hc.stderr}"
     print("compose check: the image's HEALTHCHECK passes")
+    uid = subprocess.run(["podman", "exec", cid, "id", "-u"], capture_output=True, text=True, check=True).stdout
+    assert uid.strip() == "10001", uid
+    write = subprocess.run(["podman", "exec", cid, "sh", "-c", "touch /usr/local/bin/x"], capture_output=True, text=True)
+    assert write.returncode != 0 and "Read-only" in write.stderr, write
+    caps = subprocess.run(["podman", "exec", cid, "grep", "CapBnd", "/proc/1/status"], capture_output=True,
+                          text=True, check=True).stdout
+    assert caps.split()[-1].strip("0") == "", caps
+    ports = subprocess.run(["podman", "port", cid], capture_output=True, text=True, check=True).stdout
+    assert "9100/tcp -> 127.0.0.1:9100" in ports and "8080/tcp -> 0.0.0.0:8080" in ports, ports
+    print("compose check: the fleet runs as uid 10001, read-only, no capabilities; 9100 on 127.0.0.1 only")
     for c in clients:
         c.close()
 

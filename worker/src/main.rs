@@ -18,7 +18,8 @@ use worker::{RoomsApp, WorkerSettings};
 ///   worker --config fleet.yaml --index 2     worker 2 of a fleet file (what the balancer runs)
 ///
 ///   worker --listen 0.0.0.0:9001 --redis redis://10.0.0.5:6379 --id hostA-1
-///                                            a standalone worker (workers on other hosts)
+///                                            a standalone worker (workers on other hosts);
+///                                            the URL may come from FLEET_REDIS_URL instead
 ///
 /// One port serves Socket.IO (/socket.io/), /metrics, /healthz and /readyz. SIGTERM or SIGINT
 /// drains: clients are moved off over the drain window, then the process exits 0; a second
@@ -33,9 +34,10 @@ struct Args {
     #[arg(long, requires = "config")]
     index: Option<u32>,
     /// Standalone: the address to listen on.
-    #[arg(long, requires_all = ["redis", "id"])]
+    #[arg(long, requires = "id")]
     listen: Option<SocketAddr>,
-    /// Standalone: the Redis URL (redis://host:port).
+    /// Standalone: the Redis URL (redis://[:password@]host:port). Default: $FLEET_REDIS_URL,
+    /// which keeps a password off the command line.
     #[arg(long, requires = "listen")]
     redis: Option<String>,
     /// Standalone: this worker's id, unique in the fleet (shown by whoami and in metrics).
@@ -55,7 +57,10 @@ fn settings(args: Args) -> Result<WorkerSettings, String> {
             let cfg = FleetConfig::load(&file).map_err(|e| e.to_string())?;
             WorkerSettings::from_fleet(&cfg, index)
         }
-        (_, _, Some(listen), Some(redis), Some(id)) => {
+        (_, _, Some(listen), redis, Some(id)) => {
+            let redis = redis
+                .or_else(|| std::env::var("FLEET_REDIS_URL").ok())
+                .ok_or("--listen needs --redis URL, or the URL in FLEET_REDIS_URL")?;
             shared::config::validate_redis_url(&redis).map_err(|e| format!("--redis: {e}"))?;
             let mut s = WorkerSettings::standalone(id, listen, redis);
             if let Some(secs) = args.drain_window_secs {
@@ -87,6 +92,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    raise_fd_limit(settings.max_connections);
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -101,7 +107,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(id = %settings.id, listen = %settings.listen, redis = %settings.redis.url, handoff = handoff.is_some(), "starting");
+    // No Redis URL here: it may carry a password (the Redis link logs it redacted).
+    tracing::info!(id = %settings.id, listen = %settings.listen, handoff = handoff.is_some(), "starting");
     let listener = worker::Listener {
         tcp: listener,
         handoff,
@@ -119,6 +126,32 @@ async fn main() -> ExitCode {
             eprintln!("worker: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Raises the open-file limit to the hard limit, logs the clients it allows, and warns when
+/// `workers.max_connections` is more than that (accepts would fail with EMFILE first).
+fn raise_fd_limit(max_connections: usize) {
+    use shared::fd_limit::{WORKER_FDS_PER_CLIENT, raise_nofile};
+    match raise_nofile() {
+        Ok(limits) => {
+            let clients = limits.connections(WORKER_FDS_PER_CLIENT);
+            tracing::info!(
+                nofile = limits.soft,
+                was = limits.was,
+                clients,
+                "open-file limit"
+            );
+            if max_connections as u64 > clients {
+                tracing::warn!(
+                    max_connections,
+                    clients,
+                    nofile = limits.soft,
+                    "workers.max_connections is more than the open-file limit allows: raise the hard limit (ulimit -Hn, LimitNOFILE=, ulimits: nofile)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(cause = %e, "cannot raise the open-file limit"),
     }
 }
 

@@ -1,4 +1,6 @@
-//! The worker's Prometheus registry: every sample carries the `worker` label.
+//! The worker's Prometheus registry: every sample carries the `worker` label, the process
+//! collector's (`process_open_fds`, `process_max_fds`, ...) too, so that workers sharing a
+//! host or a scrape job stay apart.
 
 use std::collections::HashMap;
 
@@ -113,6 +115,13 @@ impl WorkerMetrics {
             // Names are distinct constants, so registration cannot collide.
             self.registry.register(c).expect("metric names are unique");
         }
+        // Read from /proc at each scrape; the prometheus crate has it on Linux only.
+        #[cfg(target_os = "linux")]
+        self.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process_* names are not fleet names");
     }
 
     /// Count one received event. Only names the app registered reach here, so the label's
@@ -151,5 +160,20 @@ mod tests {
             text.contains(r#"fleet_worker_events_total{event="join",worker="w7"} 1"#),
             "{text}"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_descriptors_are_exported_with_worker_label() {
+        let text = WorkerMetrics::new("w7").encode();
+        for name in ["process_open_fds", "process_max_fds"] {
+            let sample = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            assert!(sample.contains(r#"worker="w7""#), "{sample}");
+            let value: f64 = sample.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(value > 0.0, "{sample}");
+        }
     }
 }

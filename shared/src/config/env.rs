@@ -1,5 +1,6 @@
-//! Environment overrides of a few keys, for containers that mount one fleet file everywhere:
-//! `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL`, `FLEET_WORKERS_HOST`.
+//! Environment overrides of a few keys, for containers that mount one fleet file everywhere
+//! and for secrets kept out of it: `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL`,
+//! `FLEET_WORKERS_HOST`, `FLEET_STICKY_SECRET`.
 
 use std::net::SocketAddr;
 
@@ -8,7 +9,9 @@ use super::{ConfigError, FleetConfig, validate_host_port, validate_redis_url};
 impl FleetConfig {
     /// Overrides from the environment, for containers that mount one fleet file everywhere:
     /// `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL` and `FLEET_WORKERS_HOST`
-    /// (e.g. `0.0.0.0`, so workers in a container are reachable from outside it).
+    /// (e.g. `0.0.0.0`, so workers in a container are reachable from outside it); and the two
+    /// secrets, `FLEET_REDIS_URL` (it may carry a password) and `FLEET_STICKY_SECRET`, so they
+    /// can come from a Kubernetes Secret instead of a ConfigMap.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the variable when its value is invalid.
@@ -37,6 +40,13 @@ impl FleetConfig {
             // Checked as a host of `host:port`, the form it is used in.
             validate_host_port(&format!("{v}:1")).map_err(|m| bad("FLEET_WORKERS_HOST", m))?;
             self.workers.host = v;
+        }
+        if let Some(v) = var("FLEET_STICKY_SECRET") {
+            // The same rule as the key's (validate.rs): an empty secret signs nothing.
+            if v.is_empty() {
+                return Err(bad("FLEET_STICKY_SECRET", "must not be empty".into()));
+            }
+            self.balancer.sticky_secret = v;
         }
         Ok(())
     }
@@ -80,6 +90,7 @@ mod tests {
                 "scheme must be redis://",
             ),
             ("FLEET_WORKERS_HOST", "", "has no host"),
+            ("FLEET_STICKY_SECRET", "", "must not be empty"),
         ] {
             let mut cfg = FleetConfig::default();
             let err = cfg
@@ -102,5 +113,14 @@ mod tests {
         cfg.apply_env(|k| (k == "FLEET_METRICS_LISTEN").then(|| "127.0.0.1:9200".to_owned()))
             .unwrap();
         assert_eq!(cfg.metrics_listen.to_string(), "127.0.0.1:9200");
+    }
+
+    #[test]
+    fn sticky_secret_override() {
+        let mut cfg =
+            FleetConfig::from_yaml_str("balancer:\n  sticky_secret: in-the-file\n").unwrap();
+        cfg.apply_env(|k| (k == "FLEET_STICKY_SECRET").then(|| "from-a-secret".to_owned()))
+            .unwrap();
+        assert_eq!(cfg.balancer.sticky_secret, "from-a-secret");
     }
 }
