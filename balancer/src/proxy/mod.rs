@@ -294,7 +294,6 @@ impl ProxyHttp for FleetProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let request = self.request(session);
         let decision = self.router.route(&request, &self.workers.snapshot());
-        ctx.key = routing::placement_key(&request);
         let route = match decision {
             Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
             Decision::Route(route) => route,
@@ -306,7 +305,11 @@ impl ProxyHttp for FleetProxy {
                     .or_err(ErrorType::InvalidHTTPHeader, "rewritten uri")?;
                 session.req_header_mut().set_uri(uri);
             }
-            routing::Session::New => self.count_placement(&route),
+            routing::Session::New => {
+                // Kept for placing it again should its worker fail (`place_again`).
+                ctx.key = routing::placement_key(&request);
+                self.count_placement(&route);
+            }
         }
         ctx.tag_answer = route.tag_answer();
         let carry = route.carry;
