@@ -11,7 +11,7 @@
    several sharing the public port (SO_REUSEPORT).
 
 Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
-       [--capacity] [--json FILE]
+       [--capacity | --only-capacity | --only-polling | --only-fixed] [--json FILE]
 Servers and clients all run on 127.0.0.1; "server" CPU and memory include Redis.
 """
 
@@ -273,7 +273,7 @@ def compare(args, results):
                        ("node", lambda r, big: NodeSetup(r, workers))):
         print(f"== {name}: {workers} workers", file=sys.stderr)
         res = {}
-        for big in (False, True):
+        for big in (False,) if args.only_fixed else (False, True):
             redis = Redis()
             setup = make(redis, big)
             pids = lambda: setup.pids() + redis.pids()  # noqa: E731
@@ -283,11 +283,12 @@ def compare(args, results):
                 else:
                     res["fixed_load"] = measured_run(pids, setup.url, scenario(args.rate, args.duration),
                                                      f"{name}-fixed", balancer_pids=setup.balancer_pids)
-                    res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
+                    if not args.only_fixed:
+                        res["max_rate"] = max_rate(pids, setup.url, args.rates, args.step_duration, name)
             finally:
                 setup.stop()
                 redis.stop()
-        results[name] = res
+        results[name] = {**results.get(name, {}), **res}
 
 
 def balancer_tax(args, results):
@@ -458,6 +459,8 @@ def main():
     ap.add_argument("--capacity", action="store_true", help="also the capacity runs (minutes)")
     ap.add_argument("--only-capacity", action="store_true")
     ap.add_argument("--only-polling", action="store_true", help="only the long-polling section")
+    ap.add_argument("--only-fixed", action="store_true",
+                    help="only the fixed-load comparison (fleet vs node); the other figures are kept")
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
@@ -473,13 +476,14 @@ def main():
         args.polling_duration, args.polling_rounds = 3, 1
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
-    partial = args.only_capacity or args.only_polling
+    partial = args.only_capacity or args.only_polling or args.only_fixed
     if partial and Path(args.json).exists():  # one section re-run: the others are kept
         results = {**json.loads(Path(args.json).read_text()), **results}
-    if not partial:
+    if not partial or args.only_fixed:
         compare(args, results)
+    if not partial:
         balancer_tax(args, results)
-    if not args.only_capacity:
+    if not (args.only_capacity or args.only_fixed):
         polling(args, results)
     if args.capacity or args.only_capacity:
         capacity(args, results)
