@@ -260,6 +260,7 @@ class Client:
         self.messages = []
         self.connects = 0
         self.disconnect_reasons = []
+        self.disconnected_at = []  # time.monotonic() of each disconnect
         self._lock = threading.Lock()
         self.sio = socketio.Client(
             reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
@@ -280,6 +281,7 @@ class Client:
     def _on_disconnect(self, reason=None):
         with self._lock:
             self.disconnect_reasons.append(reason)
+            self.disconnected_at.append(time.monotonic())
 
     def connect(self):
         self.sio.connect(self.url, transports=self.transports, wait_timeout=10)

@@ -427,6 +427,30 @@ def test_sigterm_drains_workers_and_exits(closer, tmp_path, redis):
     assert code == 0
 
 
+def test_sigterm_spreads_closing_the_websockets_it_relays(closer, tmp_path, redis):
+    """A balancer relaying WebSockets (its workers are attached, not its own) closes them over
+    the drain window on SIGTERM, each at its own moment, so their clients do not all come back
+    in one instant; none is left to be cut when the process exits."""
+    b1 = start(closer, tmp_path, redis)
+    b2 = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=b1.base_port, name="bal2",
+                             extra="balancer:\n  grace_period_secs: 3\n"))
+    b2.wait_ready()
+    clients = [closer.add(Client(b2.url, ["websocket"])).connect() for _ in range(20)]
+    wait_until(lambda: websockets_active(b2) == 20, 5, what="20 relayed WebSockets counted")
+    b2.signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    wait_until(lambda: all(c.disconnected_at for c in clients), 10, interval=0.02, what="every WebSocket closed")
+    assert b2.wait_exit(10) == 0
+    cuts = sorted(c.disconnected_at[0] - t0 for c in clients)
+    # Spread over 90% of the 2 s drain window: 20 uniform moments span well over 0.7 s (the
+    # chance they fit in less is below 1e-5), and all come before the window's end.
+    assert cuts[-1] - cuts[0] >= 0.7, cuts
+    assert cuts[-1] <= 2.5, cuts
+    # The workers were not the balancer's: they carry on behind the other one.
+    fresh = closer.add(Client(b1.url, ["websocket"])).connect()
+    assert fresh.call("echo", 1) == 1
+
+
 def _handshake_tag(url, headers=None):
     r = requests.get(url + "/socket.io/?EIO=4&transport=polling", headers=headers or {}, timeout=5)
     assert r.status_code == 200, r.text
@@ -496,7 +520,9 @@ def _labels(key):
 
 def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
     """Every contract metric is exported with its labels and counts what happened, including
-    a worker that vanished before its health checks noticed (502, an upstream error)."""
+    a worker that vanished before its health checks noticed: its session is gone with it, so a
+    request tagged for it is answered 400 "Session ID unknown" (never a 502), counted as an
+    upstream error of that worker."""
     base = free_port_range(2)
     workers = [closer.add(Worker(redis.url, wid=f"solo{i}", port=base + i)) for i in range(2)]
     for w in workers:
@@ -511,7 +537,8 @@ def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
     workers[1].proc.kill()
     workers[1].proc.wait(10)
     # Two failed checks are needed before w1 leaves placement; this request comes well before.
-    assert _raw_status(b.url, tagged) == 502
+    r = requests.get(f"{b.url}/socket.io/?EIO=4&transport=polling&sid={tagged}", timeout=5)
+    assert (r.status_code, r.json()) == (400, {"code": 1, "message": "Session ID unknown"})
 
     m = b.metrics()
     for name, labels in CONTRACT.items():
@@ -520,7 +547,9 @@ def test_metrics_contract_and_upstream_errors(closer, tmp_path, redis):
         assert all(_labels(k) - {"le"} == labels for k in samples), samples
     assert metric(m, "fleet_balancer_upstream_errors_total", worker="w1") >= 1
     assert metric(m, "fleet_balancer_upstream_errors_total", worker="w0") == 0
-    assert metric(m, "fleet_balancer_rejects_total", **{"class": "upstream_failed"}) >= 1
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "upstream_failed"}) == 0
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "session_unknown"}) >= 1
+    assert metric(m, "fleet_balancer_sticky_rejects_total", reason="worker_down") >= 1
     assert metric(m, "fleet_balancer_sessions_placed_total") == 8
     assert metric(m, "fleet_balancer_requests_total", transport="websocket") == 4
     assert metric(m, "fleet_balancer_requests_total", transport="polling") >= 4 * 3
@@ -646,3 +675,74 @@ def test_worker_count_follows_the_fleet_file(closer, tmp_path, redis):
     assert "w2" in {c.call("whoami")["worker"] for c in ws}
     assert metric(b.metrics(), "fleet_balancer_websocket_handoffs_total", outcome="passed") == passed + 6
     wait_gauge_matches_clients(b, [c for c in clients + ws if c.transport() == "websocket"])
+
+
+class _BrokenWorker:
+    """A stand-in worker that passes its probes and answers one Engine.IO handshake, then
+    drops every other request without an answer: alive, but breaking connections."""
+
+    OPEN = b'0{"sid":"broken","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}'
+
+    def __init__(self, port):
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.handshakes = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                if head.startswith(b"GET /readyz"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nx-fleet-connections: 0\r\ncontent-length: 6\r\n"
+                                 b"connection: close\r\n\r\nready\n")
+                elif b"sid=" not in head.split(b"\r\n", 1)[0] and self.handshakes == 0:
+                    self.handshakes += 1
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n%s" % (len(self.OPEN), self.OPEN))
+                # anything else: closed unanswered
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_worker_that_breaks_a_request_but_lives_is_a_502_not_a_lost_session(closer, tmp_path, redis):
+    """"Session ID unknown" is said only of a worker that is gone (its port refuses): one that
+    is still there but broke a connection gets a 502, so a live session is never declared lost."""
+    base = free_port_range(1)
+    broken = closer.add(_BrokenWorker(base))
+    b = start(closer, tmp_path, redis, count=1, spawn=False, base_port=base)
+    r = requests.get(b.url + "/socket.io/?EIO=4&transport=polling", timeout=5)
+    assert r.status_code == 200, r.text
+    tagged = json.loads(r.text[1:])["sid"]
+    assert tagged.endswith("broken") and tagged != "broken"
+    assert _raw_status(b.url, tagged) == 502
+    m = b.metrics()
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "upstream_failed"}) == 1
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "session_unknown"}) == 0
+    broken.close()
+    # Now gone: the same session is answered as lost.
+    assert _raw_status(b.url, tagged) == 400
+    assert b.alive()
+
+
+def test_ready_only_once_the_public_port_is_open(closer, tmp_path, redis):
+    """/readyz turns 200 only when clients can connect: the first 200 seen is followed at once
+    by a handshake on the public port, with no retry."""
+    b = closer.add(Balancer(tmp_path, redis.url, count=1))
+    def ready():
+        try:
+            return requests.get(b.admin + "/readyz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+    wait_until(ready, 20, interval=0.005, what="balancer ready")
+    r = requests.get(b.url + "/socket.io/?EIO=4&transport=polling", timeout=5)
+    assert r.status_code == 200 and r.text.startswith("0{"), r.text

@@ -113,6 +113,39 @@ def test_a_killed_worker_shows_as_missing_and_fails_the_run(closer, tmp_path, re
     assert r["pass"] is False
 
 
+@pytest.mark.parametrize("transport", ["polling", "websocket", "upgrade"])
+def test_kill_9_under_reconnecting_load_answers_no_502(closer, tmp_path, redis, transport):
+    """kill -9 of one of three workers while 240 clients publish: its clients reconnect, and
+    those new sessions arrive before the probes have seen the worker die. A new session whose
+    worker refuses is placed on another in the same request; a request of a session that died
+    with its worker is told "Session ID unknown". No client is ever answered 502."""
+    b = start(closer, tmp_path, redis)
+    cmd, out = loadtest_cmd(b.url, tmp_path, "-c", 240, "--rooms", 24, "--publishers", 24, "--rate", 20,
+                            "-d", 6, "--settle", 2, "--reconnect", "true", "--transport", transport)
+    log = open(LOG_DIR / f"loadtest-kill-{out.stem}.log", "w+")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "ready:" in open(log.name).read(), 30, what="publishing started")
+        time.sleep(1)
+        pid = int(re.findall(r"worker started worker=w2 pid=(\d+)", b.output())[-1])
+        os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = open(log.name).read()
+    r = json.loads(out.read_text())
+    victims = r["clients_per_worker"]["w2"]
+    assert victims > 0, r["clients_per_worker"]
+    assert any(k.startswith("dropped_") for k in r["errors"]), r["errors"]  # the kill was felt
+    assert not [k for k in r["errors"] if re.search(r"http_5\d\d", k)], (r["errors"], text)
+    assert r["reconnects"] >= victims, (r["reconnects"], victims, r["errors"])
+    m = b.metrics()
+    assert metric(m, "fleet_balancer_rejects_total", **{"class": "upstream_failed"}) == 0
+    # Exactly-once still holds for what was delivered: nothing twice.
+    assert r["deliveries"]["duplicate"] == 0
+
+
 def test_clients_answer_heartbeats_during_a_long_connect_phase(closer, tmp_path, redis):
     """A connect phase longer than the server's ping interval + timeout: clients that are
     already in must keep answering pings, or the server drops them before publishing starts."""

@@ -1,8 +1,11 @@
 //! The balancer's own endpoints on `metrics_listen`: `/metrics`, `/healthz`, `/readyz` (200
-//! while at least one worker is ready) and `/sd` (Prometheus HTTP service discovery of every
-//! worker's metrics target, labelled with its worker id).
+//! while at least one worker is ready and the public port is open) and `/sd` (Prometheus HTTP
+//! service discovery of every worker's metrics target, labelled with its worker id).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::Response;
@@ -15,8 +18,57 @@ use crate::workers::Workers;
 
 /// The admin HTTP app.
 pub struct Admin {
-    /// The workers.
-    pub workers: Arc<Workers>,
+    workers: Arc<Workers>,
+    public: PublicPort,
+}
+
+impl Admin {
+    /// Endpoints for `workers`, behind the public port `listen`.
+    pub fn new(workers: Arc<Workers>, listen: SocketAddr) -> Self {
+        Admin {
+            workers,
+            public: PublicPort::new(listen),
+        }
+    }
+}
+
+/// Whether the proxy's public port accepts connections yet. pingora starts the proxy once the
+/// first probe round is done and binds its port a moment later; until then a ready answer
+/// would send clients to a closed port. Once seen open it stays so for the process's life
+/// (the listener only closes at shutdown, when this endpoint closes too).
+struct PublicPort {
+    addr: SocketAddr,
+    open: AtomicBool,
+}
+
+impl PublicPort {
+    fn new(listen: SocketAddr) -> Self {
+        // A wildcard bind is reached on loopback.
+        let ip = match listen.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        PublicPort {
+            addr: SocketAddr::new(ip, listen.port()),
+            open: AtomicBool::new(false),
+        }
+    }
+
+    async fn is_open(&self) -> bool {
+        if self.open.load(Ordering::Relaxed) {
+            return true;
+        }
+        let connect = tokio::net::TcpStream::connect(self.addr);
+        let open = matches!(
+            tokio::time::timeout(Duration::from_secs(1), connect).await,
+            Ok(Ok(_))
+        );
+        if open {
+            self.open.store(true, Ordering::Relaxed);
+        }
+        open
+    }
 }
 
 #[async_trait]
@@ -34,7 +86,9 @@ impl ServeHttp for Admin {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let ready = self.workers.snapshot().ready();
-                if ready > 0 {
+                if ready > 0 && !self.public.is_open().await {
+                    reply(503, "text/plain", b"public port not open yet\n".to_vec())
+                } else if ready > 0 {
                     reply(
                         200,
                         "text/plain",

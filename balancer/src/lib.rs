@@ -82,12 +82,22 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
     let handoffs = Arc::new(proxy::handoff::Handoffs::default());
 
+    let (close_tunnels, tunnels_closing) = shared::shutdown::channel();
+    server.add_service(background_service(
+        "relayed websockets",
+        proxy::ws_tunnel::CloseOnShutdown(close_tunnels),
+    ));
     let mut proxy = Service::new(
         "proxy".to_owned(),
         proxy::front::Front::new(
             pingora_proxy::http_proxy(
                 &server.configuration,
-                proxy::FleetProxy::new(Arc::clone(&workers), Arc::clone(&handoffs), cfg),
+                proxy::FleetProxy::new(
+                    Arc::clone(&workers),
+                    Arc::clone(&handoffs),
+                    tunnels_closing,
+                    cfg,
+                ),
             ),
             cfg.balancer.header_timeout_secs,
         ),
@@ -104,9 +114,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     );
     let mut admin = Service::new(
         "admin".to_owned(),
-        HttpServer::new_app(admin::Admin {
-            workers: Arc::clone(&workers),
-        }),
+        HttpServer::new_app(admin::Admin::new(Arc::clone(&workers), cfg.listen)),
     );
     admin.add_tcp(&cfg.metrics_listen.to_string());
 

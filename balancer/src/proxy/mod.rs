@@ -24,12 +24,13 @@ use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, ProxyWarnLogContext, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use shared::FleetConfig;
 use shared::config::IpNetwork;
+use shared::shutdown::Shutdown;
 
 use crate::metrics::{HandoffOutcome, METRICS};
-use crate::routing::{self, Carry, Class, Decision, Refusal, Route, Router};
+use crate::routing::{self, Carry, Class, Decision, Refusal, Route, Router, StickyReason};
 use crate::sticky::{Tag, open_packet};
 use crate::workers::Workers;
 use handoff::Handoffs;
@@ -53,6 +54,8 @@ pub struct Ctx {
     body: Vec<u8>,
     /// The request became a WebSocket (counted by the websockets gauge, not the histogram).
     websocket: bool,
+    /// The routed worker failed because it is gone: answered "Session ID unknown".
+    session_gone: bool,
     started: Instant,
 }
 
@@ -64,13 +67,20 @@ pub struct FleetProxy {
     trusted: Vec<IpNetwork>,
     upstream_read_timeout: Duration,
     ws_read_timeout: Duration,
+    closing: ws_tunnel::Closing,
     rejections: RejectLog,
 }
 
 impl FleetProxy {
     /// A proxy for a fleet file's workers; WebSockets to workers with a channel in
-    /// `handoffs` are passed to them rather than relayed.
-    pub fn new(workers: Arc<Workers>, handoffs: Arc<Handoffs>, cfg: &FleetConfig) -> Self {
+    /// `handoffs` are passed to them rather than relayed. Relayed ones close when `closing`
+    /// fires, spread over the drain window.
+    pub fn new(
+        workers: Arc<Workers>,
+        handoffs: Arc<Handoffs>,
+        closing: Shutdown,
+        cfg: &FleetConfig,
+    ) -> Self {
         let heartbeat =
             Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);
         FleetProxy {
@@ -82,6 +92,14 @@ impl FleetProxy {
             upstream_read_timeout: heartbeat + Duration::from_secs(5),
             // An open WebSocket carries a ping every interval; twice the heartbeat is dead.
             ws_read_timeout: heartbeat * 2,
+            // As a worker spreads its drain (the rest of the window lets the last flush).
+            closing: ws_tunnel::Closing::new(
+                closing,
+                cfg.workers
+                    .drain_window()
+                    .min(cfg.grace_period())
+                    .mul_f64(0.9),
+            ),
             rejections: RejectLog::default(),
         }
     }
@@ -202,30 +220,35 @@ impl FleetProxy {
     }
 
     /// A WebSocket upgrade, never through pingora's proxy loop. A new session whose worker
-    /// fails before answering is placed again, as in `fail_to_connect`.
+    /// fails before answering is placed again, as in `fail_to_connect`; an existing one whose
+    /// worker is gone is told its session is, as in `fail_to_proxy`.
     async fn upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         loop {
             let route = ctx.route.clone().expect("routed before upgrading");
-            if let Some(done) = self.upgrade_to(session, &route, ctx).await? {
-                return Ok(done);
+            let failed = match self.upgrade_to(session, &route, ctx).await? {
+                Attempt::Done(done) => return Ok(done),
+                Attempt::WorkerFailed(e) => e,
+            };
+            if self.place_again(ctx) {
+                continue;
             }
-            if !self.place_again(ctx) {
-                return self
-                    .refuse(session, Refusal::plain(Class::UpstreamFailed))
-                    .await;
-            }
+            let refusal = if worker_gone(&route, &failed).await {
+                Refusal::sticky(Class::SessionUnknown, StickyReason::WorkerDown)
+            } else {
+                Refusal::plain(Class::UpstreamFailed)
+            };
+            return self.refuse(session, refusal).await;
         }
     }
 
     /// One attempt: the client's connection is passed to the worker when the route says so
-    /// and the worker has a channel (`handoff`), else tunnelled here (`ws_tunnel`). `None`
-    /// when the worker failed before the client was sent anything.
+    /// and the worker has a channel (`handoff`), else tunnelled here (`ws_tunnel`).
     async fn upgrade_to(
         &self,
         session: &mut Session,
         route: &Route,
         ctx: &mut Ctx,
-    ) -> Result<Option<bool>> {
+    ) -> Result<Attempt> {
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req)?;
         let label = route.worker.label();
@@ -238,7 +261,7 @@ impl FleetProxy {
                 Ok(()) => {
                     METRICS.handoff(HandoffOutcome::Passed);
                     ctx.websocket = true;
-                    return Ok(Some(true));
+                    return Ok(Attempt::Done(true));
                 }
                 Err(e) => {
                     // E.g. the worker died a moment ago: its restart gets a new channel.
@@ -254,6 +277,7 @@ impl FleetProxy {
             connect: CONNECT_TIMEOUT,
             handshake: self.upstream_read_timeout,
             idle: self.ws_read_timeout,
+            closing: self.closing.clone(),
         };
         let open = METRICS.websockets.with_label_values(&[label]);
         match ws_tunnel::run(session, route.worker.addr(), &req, &limits, open).await {
@@ -262,10 +286,44 @@ impl FleetProxy {
             Err(e) => {
                 tracing::debug!(worker = %label, "websocket upgrade failed: {e}");
                 METRICS.upstream_errors.with_label_values(&[label]).inc();
-                return Ok(None);
+                return Ok(Attempt::WorkerFailed(e));
             }
         }
-        Ok(Some(true))
+        Ok(Attempt::Done(true))
+    }
+}
+
+/// How one upgrade attempt ended.
+enum Attempt {
+    /// Answered (handed off, tunnelled, or the worker's refusal relayed); as `request_filter`.
+    Done(bool),
+    /// The worker failed before the client was sent anything.
+    WorkerFailed(Box<Error>),
+}
+
+/// How long `worker_gone` waits for a worker's port to answer.
+const GONE_CHECK: Duration = Duration::from_millis(250);
+
+/// Whether the worker of an existing session failed because it is gone (nothing listens on
+/// its port any more), so the session went with it. Such a request is answered as a restarted
+/// worker, and routing once the probes catch up, answer it: 400 "Session ID unknown", which
+/// sends the client to a fresh handshake, rather than a 502 for a failure that will not pass.
+/// A worker that merely broke one connection is not gone: its failure stays a 502.
+async fn worker_gone(route: &Route, e: &Error) -> bool {
+    if route.session == routing::Session::New {
+        return false;
+    }
+    match e.etype() {
+        ErrorType::ConnectRefused => true,
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            // Broken mid-request: gone only if a fresh connection is refused too.
+            let connect = tokio::net::TcpStream::connect(route.worker.addr());
+            matches!(
+                tokio::time::timeout(GONE_CHECK, connect).await,
+                Ok(Err(refused)) if refused.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        }
+        _ => false,
     }
 }
 
@@ -281,6 +339,7 @@ impl ProxyHttp for FleetProxy {
             tag_answer: None,
             body: Vec::new(),
             websocket: false,
+            session_gone: false,
             started: Instant::now(),
         }
     }
@@ -333,6 +392,41 @@ impl ProxyHttp for FleetProxy {
             e.set_retry(true);
         }
         e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let answered = session.as_downstream().response_written().is_some();
+        if !answered
+            && let Some(route) = &ctx.route
+            && worker_gone(route, e).await
+        {
+            ctx.session_gone = true;
+            let refusal = Refusal::sticky(Class::SessionUnknown, StickyReason::WorkerDown);
+            // A client that left meanwhile needs no answer.
+            let _ = self.refuse(session, refusal).await;
+            return FailToProxy {
+                error_code: 400,
+                can_reuse_downstream: false,
+            };
+        }
+        // pingora's own answer otherwise.
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (_, ErrorSource::Upstream) => 502,
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0, // the client is gone
+            (_, ErrorSource::Downstream) => 400,
+            (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
+        };
+        if code > 0 && !answered {
+            let _ = session.respond_error(code).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     fn suppress_proxy_warn_log(
@@ -454,10 +548,13 @@ impl ProxyHttp for FleetProxy {
         {
             METRICS.upstream_errors.with_label_values(&[label]).inc();
             // pingora answered it (502/504): a refusal like any other, for `rejects_total`.
-            METRICS
-                .rejects
-                .with_label_values(&[Class::UpstreamFailed.as_str()])
-                .inc();
+            // (A session found gone was counted as refused when it was answered.)
+            if !ctx.session_gone {
+                METRICS
+                    .rejects
+                    .with_label_values(&[Class::UpstreamFailed.as_str()])
+                    .inc();
+            }
         }
     }
 }

@@ -15,12 +15,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
 use pingora_core::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_prometheus::prometheus::IntGauge;
 use pingora_proxy::Session;
+use shared::shutdown::{Shutdown, ShutdownTrigger};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -41,7 +45,7 @@ pub enum Outcome {
     Refused,
 }
 
-/// Timeouts for one tunnel.
+/// Timeouts for one tunnel, and when it closes at shutdown.
 pub struct Limits {
     /// For the worker to accept the TCP connection.
     pub connect: Duration,
@@ -49,6 +53,42 @@ pub struct Limits {
     pub handshake: Duration,
     /// Longest silence in either direction before the tunnel is closed (both sides ping).
     pub idle: Duration,
+    /// When the balancer shuts down.
+    pub closing: Closing,
+}
+
+/// Relayed tunnels close at shutdown each at a moment of its own, spread evenly over the drain
+/// window as the workers spread theirs: the clients come back (through another balancer) at a
+/// steady rate rather than all in the same instant, and none is left to be cut when the
+/// process exits.
+#[derive(Clone)]
+pub struct Closing {
+    shutdown: Shutdown,
+    spread: Duration,
+}
+
+impl Closing {
+    /// Tunnels close once `shutdown` fires, at uniformly random moments within `spread`.
+    pub fn new(shutdown: Shutdown, spread: Duration) -> Self {
+        Closing { shutdown, spread }
+    }
+
+    /// Resolves at this tunnel's moment, once shutdown has begun.
+    async fn moment(mut self) {
+        self.shutdown.recv().await;
+        tokio::time::sleep(self.spread.mul_f64(fastrand::f64())).await;
+    }
+}
+
+/// Fires the tunnels' [`Closing`] when pingora starts its graceful shutdown.
+pub struct CloseOnShutdown(pub ShutdownTrigger);
+
+#[async_trait]
+impl BackgroundService for CloseOnShutdown {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        Shutdown::from_watch(shutdown).recv().await;
+        self.0.trigger();
+    }
 }
 
 /// Copy buffer per direction: Socket.IO messages are small, and a balancer holds thousands.
@@ -93,28 +133,30 @@ pub async fn run(
     };
     open.inc();
     let idle = limits.idle;
+    let closing = limits.closing.clone();
     tokio::spawn(async move {
         // The worker's 101 goes to the client byte for byte, then whatever followed it.
         if client.write_all(&raw_head).await.is_ok()
             && client.write_all(&rest).await.is_ok()
             && client.flush().await.is_ok()
         {
-            pump(client, upstream, idle).await;
+            pump(client, upstream, idle, closing).await;
         }
         open.dec();
     });
     Ok(Outcome::Tunnelled)
 }
 
-/// Copies both ways until either side closes, fails, or stays silent for `idle`. A WebSocket
-/// ends with a close or a reset from either side as a matter of course: nothing here is an
-/// error.
-async fn pump(client: Stream, mut upstream: TcpStream, idle: Duration) {
+/// Copies both ways until either side closes, fails, or stays silent for `idle`, or the
+/// tunnel's moment to close at shutdown comes. A WebSocket ends with a close or a reset from
+/// either side as a matter of course: nothing here is an error.
+async fn pump(client: Stream, mut upstream: TcpStream, idle: Duration, closing: Closing) {
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut up_read, mut up_write) = upstream.split();
     tokio::select! {
         _ = copy(&mut client_read, &mut up_write, idle) => {}
         _ = copy(&mut up_read, &mut client_write, idle) => {}
+        _ = closing.moment() => {}
     }
     let _ = up_write.shutdown().await;
     let _ = client_write.shutdown().await;
