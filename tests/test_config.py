@@ -35,6 +35,10 @@ def test_bad_files_name_file_key_and_line(tmp_path):
         (good.replace(f"base_port: {port}", "base_port: 65535"), 8, "workers.base_port", "65536"),
         (good.replace("redis://127.0.0.1:6379", "http://nope"), 4, "redis.url", "scheme"),
         (good + "extra_key: 1\n", 9, "extra_key", "unknown field"),
+        (good + "socketio:\n  cors:\n    origins: ['*']\n    credentials: true\n", 12,
+         "socketio.cors.credentials", "cannot be true"),
+        (good + "socketio:\n  cors:\n    origins: [https://app.example.com/]\n", 11,
+         "socketio.cors.origins", "nothing may follow"),
     ]
     for text, line, key, why in cases:
         path, r = run_worker(tmp_path, text)

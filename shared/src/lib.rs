@@ -7,6 +7,7 @@
 //! - [`backoff`]: capped exponential backoff with random jitter; it only computes delays.
 //! - [`clock`]: wall-clock microseconds, the timestamp fleet processes compare across processes.
 //! - [`shutdown`]: a cloneable "stop now" signal over a `watch` channel.
+//! - [`cors`]: the `socketio.cors` policy: headers for answers and preflights, origins admitted.
 //! - [`eio_query`]: the Engine.IO query parameters (`sid`, `transport`), parsed and rewritten.
 //! - [`protocol`]: the default app's event names and limits.
 //! - [`handoff`]: passing a client's connection from the balancer to a worker (SCM_RIGHTS).
@@ -16,6 +17,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod cors;
 pub mod eio_query;
 pub mod fd_limit;
 pub mod handoff;

@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
+use shared::cors::Cors;
 use shared::eio_query;
 use shared::metrics::READYZ_CONNECTIONS_HEADER;
 use socketioxide::service::SocketIoService;
@@ -33,6 +34,8 @@ pub struct HttpCtx {
     pub sio_path: String,
     /// Whether Engine.IO 3 clients are served (`socketio.allow_eio3`).
     pub allow_eio3: bool,
+    /// Browsers on other origins (`socketio.cors`).
+    pub cors: Cors,
     /// Drain state at the edge.
     pub gate: Arc<DrainGate>,
     /// Open connections.
@@ -51,10 +54,26 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     if shared::eio_query::under_path(path, &ctx.sio_path) {
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let origin = origin.as_ref().map(header::HeaderValue::as_bytes);
+        if req.method() == Method::OPTIONS {
+            return Ok(preflight(&ctx.cors, origin, &req));
+        }
         let mut req = own_head(req);
         req.extensions_mut().insert(conn);
         let upgrade = req.headers().contains_key(header::UPGRADE);
-        let mut res = engine_io(&ctx, conn, req).await;
+        // Cross-site WebSocket hijacking, or a session opened by a page not listed.
+        let refused = !ctx.cors.admits(origin)
+            && (upgrade || eio_query::parse(req.uri().query()).is_ok_and(|q| q.sid.is_none()));
+        let mut res = if refused {
+            text(
+                StatusCode::FORBIDDEN,
+                "application/json",
+                shared::cors::FORBIDDEN_BODY.into(),
+            )
+        } else {
+            engine_io(&ctx, conn, req).await
+        };
         if upgrade && res.status() != StatusCode::SWITCHING_PROTOCOLS {
             // A refused upgrade ends its connection, as the balancer's relay does: a
             // connection the balancer handed over counts there as an open WebSocket until
@@ -63,6 +82,9 @@ pub async fn handle(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
+        }
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            add_headers(&mut res, ctx.cors.headers(origin));
         }
         return Ok(res);
     }
@@ -186,6 +208,29 @@ fn session_closed() -> Response<Body> {
         "text/plain",
         "worker draining: session closed, reconnect\n".into(),
     )
+}
+
+/// A browser's CORS preflight: 204 with the `socketio.cors` headers (none when the origin is
+/// not allowed, which is the browser's cue to stop).
+fn preflight<B>(cors: &Cors, origin: Option<&[u8]>, req: &Request<B>) -> Response<Body> {
+    let asked = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .map(header::HeaderValue::as_bytes);
+    let mut res = Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+        .expect("static headers are valid");
+    add_headers(&mut res, cors.preflight_headers(origin, asked));
+    res
+}
+
+fn add_headers(res: &mut Response<Body>, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = header::HeaderValue::try_from(value) {
+            res.headers_mut().append(name, value);
+        }
+    }
 }
 
 /// engineioxide's own answer to a protocol version it does not serve.

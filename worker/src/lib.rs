@@ -139,6 +139,7 @@ pub async fn run(
         io: io.clone(),
         sio_path: sio.path.trim_end_matches('/').to_owned(),
         allow_eio3: sio.allow_eio3,
+        cors: shared::cors::Cors::new(&sio.cors),
         gate: Arc::clone(&gate),
         registry,
         readiness,

@@ -118,6 +118,8 @@ impl FleetProxy {
             path: req.uri.path(),
             query: req.uri.query(),
             upgrade: session.is_upgrade_req(),
+            preflight: req.method == http::Method::OPTIONS,
+            origin: req.headers.get("origin").map(|v| v.as_bytes()),
             head_bytes: routing::head_size(req),
             client,
             nonce: fastrand::u64(..),
@@ -146,20 +148,43 @@ impl FleetProxy {
             &format_args!("{} {target} from {peer}", req.method),
         );
         let (status, body) = class.response();
-        let mut resp = ResponseHeader::build(status, Some(3))?;
         let json = body.starts_with('{');
         let content_type = if json {
             "application/json"
         } else {
             "text/plain"
         };
+        // A browser page on an allowed origin may read why (a worker's refusals say it too).
+        let cors = self.router.cors().headers(origin(session));
+        let mut resp = ResponseHeader::build(status, Some(3 + cors.len()))?;
         resp.insert_header("Content-Type", content_type)?;
         resp.insert_header("Content-Length", body.len().to_string())?;
+        for (name, value) in cors {
+            resp.insert_header(name, value)?;
+        }
         session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
             .await?;
+        Ok(true)
+    }
+
+    /// A browser's CORS preflight, answered here: it must never be placed, nor reach a worker
+    /// that would take it for a request of an unknown session.
+    async fn preflight(&self, session: &mut Session) -> Result<bool> {
+        let req = session.req_header();
+        let asked = req
+            .headers
+            .get("access-control-request-headers")
+            .map(|v| v.as_bytes());
+        let headers = self.router.cors().preflight_headers(origin(session), asked);
+        let mut resp = ResponseHeader::build(204, Some(1 + headers.len()))?;
+        resp.insert_header("Content-Length", "0")?;
+        for (name, value) in headers {
+            resp.insert_header(name, value)?;
+        }
+        session.write_response_header(Box::new(resp), true).await?;
         Ok(true)
     }
 
@@ -293,6 +318,15 @@ impl FleetProxy {
     }
 }
 
+/// The request's `Origin` header.
+fn origin(session: &Session) -> Option<&[u8]> {
+    session
+        .req_header()
+        .headers
+        .get("origin")
+        .map(|v| v.as_bytes())
+}
+
 /// How one upgrade attempt ended.
 enum Attempt {
     /// Answered (handed off, tunnelled, or the worker's refusal relayed); as `request_filter`.
@@ -355,6 +389,7 @@ impl ProxyHttp for FleetProxy {
         let decision = self.router.route(&request, &self.workers.snapshot());
         let route = match decision {
             Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
+            Decision::Preflight => return self.preflight(session).await,
             Decision::Route(route) => route,
         };
         match &route.session {

@@ -12,6 +12,8 @@ use crate::workers::Worker;
 pub enum Decision {
     /// Send it to a worker.
     Route(Route),
+    /// A browser's CORS preflight: answered here, with the `socketio.cors` headers.
+    Preflight,
     /// Answer it here.
     Refuse(Refusal),
 }
@@ -138,6 +140,8 @@ pub enum Class {
     NoWorker,
     /// The chosen worker failed before answering: 502.
     UpstreamFailed,
+    /// A handshake or upgrade from a web origin `socketio.cors.origins` does not list: 403.
+    Forbidden,
 }
 
 const SESSION_UNKNOWN: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
@@ -145,13 +149,14 @@ const BAD_REQUEST: &str = r#"{"code":3,"message":"Bad request"}"#;
 
 impl Class {
     /// Every class.
-    pub const ALL: [Class; 6] = [
+    pub const ALL: [Class; 7] = [
         Class::NotFound,
         Class::BadRequest,
         Class::SessionUnknown,
         Class::HeaderTooLarge,
         Class::NoWorker,
         Class::UpstreamFailed,
+        Class::Forbidden,
     ];
 
     /// The label value.
@@ -163,6 +168,7 @@ impl Class {
             Class::HeaderTooLarge => "header_too_large",
             Class::NoWorker => "no_worker",
             Class::UpstreamFailed => "upstream_failed",
+            Class::Forbidden => "forbidden",
         }
     }
 
@@ -175,6 +181,7 @@ impl Class {
             Class::HeaderTooLarge => (431, "request header fields too large\n"),
             Class::NoWorker => (503, "no worker ready\n"),
             Class::UpstreamFailed => (502, "worker unavailable\n"),
+            Class::Forbidden => (403, shared::cors::FORBIDDEN_BODY),
         }
     }
 }

@@ -3,7 +3,9 @@
 //! out, and the whole table is tested here without a socket.
 //!
 //! The rules, in order: a head over `max_header_bytes` is refused (431); a path outside the
-//! Engine.IO path is not ours (404); the query must parse and name a transport (400). Then a
+//! Engine.IO path is not ours (404); a preflight (`OPTIONS`) is answered here with the CORS
+//! headers, never placed; the query must parse and name a transport (400); a handshake or
+//! upgrade from an origin `socketio.cors.origins` does not list is refused (403). Then a
 //! request with a sid goes to the worker its tag names, the tag removed, if that worker is up
 //! (else 400 "Session ID unknown", as a worker answers a sid it does not know, so the client
 //! reconnects); a request without one is a new session, placed by the configured policy (503
@@ -15,6 +17,7 @@ mod request;
 mod tests;
 
 use shared::FleetConfig;
+use shared::cors::Cors;
 use shared::eio_query as query;
 
 pub use decision::{Carry, Class, Decision, Refusal, Route, Session, StickyReason, Transport};
@@ -36,6 +39,7 @@ pub struct Router {
     path: String,
     max_header_bytes: usize,
     handoff: bool,
+    cors: Cors,
 }
 
 impl Router {
@@ -46,23 +50,34 @@ impl Router {
             path: cfg.socketio.path.trim_end_matches('/').to_owned(),
             max_header_bytes: cfg.balancer.max_header_bytes,
             handoff: cfg.spawns_workers() && cfg.workers.handoff,
+            cors: Cors::new(&cfg.socketio.cors),
         }
+    }
+
+    /// The CORS policy requests are answered under.
+    pub fn cors(&self) -> &Cors {
+        &self.cors
     }
 
     /// Decides where `req` goes in `fleet`.
     pub fn route(&self, req: &Request<'_>, fleet: &Snapshot) -> Decision {
         match self.try_route(req, fleet) {
-            Ok(route) => Decision::Route(route),
+            Ok(Some(route)) => Decision::Route(route),
+            Ok(None) => Decision::Preflight,
             Err(refusal) => Decision::Refuse(refusal),
         }
     }
 
-    fn try_route(&self, req: &Request<'_>, fleet: &Snapshot) -> Result<Route, Refusal> {
+    /// `Ok(None)`: a preflight, answered by the balancer.
+    fn try_route(&self, req: &Request<'_>, fleet: &Snapshot) -> Result<Option<Route>, Refusal> {
         if req.head_bytes > self.max_header_bytes {
             return Err(Refusal::plain(Class::HeaderTooLarge));
         }
         if !query::under_path(req.path, &self.path) {
             return Err(Refusal::plain(Class::NotFound));
+        }
+        if req.preflight {
+            return Ok(None);
         }
         let params = query::parse(req.query)
             .map_err(|_| Refusal::sticky(Class::BadRequest, StickyReason::Malformed))?;
@@ -71,6 +86,10 @@ impl Router {
             .as_deref()
             .and_then(Transport::parse)
             .ok_or(Refusal::plain(Class::BadRequest))?;
+        // Cross-site WebSocket hijacking, and sessions opened by pages not listed.
+        if (req.upgrade || params.sid.is_none()) && !self.cors.admits(req.origin) {
+            return Err(Refusal::plain(Class::Forbidden));
+        }
         let carry = match (req.upgrade, self.handoff) {
             (false, _) => Carry::Proxy,
             (true, true) => Carry::HandOff,
@@ -104,12 +123,12 @@ impl Router {
                 (placed.worker, Session::New, placed.panic)
             }
         };
-        Ok(Route {
+        Ok(Some(Route {
             worker: worker.clone(),
             transport,
             session,
             carry,
             panic,
-        })
+        }))
     }
 }

@@ -1,5 +1,5 @@
 //! What routing reads of a request, taken out of pingora's session once: the target, whether
-//! it asks to upgrade, the head's size, and the client's address (believing X-Forwarded-For
+//! it asks to upgrade or is a preflight, its origin, the head's size, and the client's address (believing X-Forwarded-For
 //! only from trusted proxies). Also the X-Forwarded-For a worker is sent.
 
 use std::net::IpAddr;
@@ -16,6 +16,10 @@ pub struct Request<'a> {
     pub query: Option<&'a str>,
     /// It asks for a WebSocket upgrade.
     pub upgrade: bool,
+    /// An `OPTIONS` request: a browser's CORS preflight.
+    pub preflight: bool,
+    /// The `Origin` header: the web page's origin, sent by browsers.
+    pub origin: Option<&'a [u8]>,
     /// The size of the head as sent (request line and headers), near enough.
     pub head_bytes: usize,
     /// The client's address; `None` when the connection has none (a Unix socket).

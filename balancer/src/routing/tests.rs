@@ -44,6 +44,8 @@ fn request<'a>(path: &'a str, query: Option<&'a str>, upgrade: bool) -> Request<
         path,
         query,
         upgrade,
+        preflight: false,
+        origin: None,
         head_bytes: 200,
         client: Some(IpAddr::from([10, 0, 0, 1])),
         nonce: 7,
@@ -53,7 +55,7 @@ fn request<'a>(path: &'a str, query: Option<&'a str>, upgrade: bool) -> Request<
 fn refusal(d: &Decision) -> Option<Refusal> {
     match d {
         Decision::Refuse(r) => Some(*r),
-        Decision::Route(_) => None,
+        Decision::Route(_) | Decision::Preflight => None,
     }
 }
 
@@ -61,6 +63,7 @@ fn route(d: Decision) -> Route {
     match d {
         Decision::Route(r) => r,
         Decision::Refuse(r) => panic!("refused: {r:?}"),
+        Decision::Preflight => panic!("taken for a preflight"),
     }
 }
 
@@ -273,6 +276,7 @@ proptest! {
                 prop_assert!((400..600).contains(&status));
                 prop_assert!(r.class != Class::UpstreamFailed);
             }
+            Decision::Preflight => prop_assert!(false, "no OPTIONS was sent"),
             Decision::Route(r) => {
                 prop_assert!(r.worker.is_up());
                 if let Session::Existing { target } = &r.session {
@@ -327,4 +331,84 @@ fn with_no_worker_up_a_worker_that_answers_takes_new_sessions_and_keeps_its_own(
             StickyReason::WorkerDown
         ))
     );
+}
+
+fn cors_router(origins: &[&str]) -> Router {
+    let mut cfg = FleetConfig::default();
+    cfg.socketio.cors.origins = origins.iter().map(|o| (*o).to_owned()).collect();
+    Router::new(&cfg)
+}
+
+#[test]
+fn a_preflight_is_answered_here_whatever_its_sid_and_never_placed() {
+    let fleet = fleet(true); // no worker up: anything placed would be refused
+    let down = TaggedSid::encode(fleet.workers()[2].tag(), "AAAA");
+    for router in [router(true), cors_router(&["http://app.test"])] {
+        for query in [
+            None,
+            Some("EIO=4&transport=polling".to_owned()),
+            Some(format!("EIO=4&transport=polling&sid={down}")),
+            Some("%zz".to_owned()),
+        ] {
+            let req = Request {
+                preflight: true,
+                origin: Some(b"http://app.test"),
+                ..request("/socket.io/", query.as_deref(), false)
+            };
+            assert!(
+                matches!(router.route(&req, &fleet), Decision::Preflight),
+                "{query:?}"
+            );
+        }
+        let outside = Request {
+            preflight: true,
+            ..request("/other", None, false)
+        };
+        assert_eq!(
+            refusal(&router.route(&outside, &fleet)),
+            Some(Refusal::plain(Class::NotFound))
+        );
+    }
+}
+
+#[test]
+fn listed_origins_gate_handshakes_and_upgrades_only() {
+    let fleet = fleet(false);
+    let listed = cors_router(&["http://app.test"]);
+    let sid = TaggedSid::encode(fleet.workers()[0].tag(), "AAAA");
+    let polling = "EIO=4&transport=polling".to_owned();
+    let with_sid = format!("EIO=4&transport=polling&sid={sid}");
+    let ws_sid = format!("EIO=4&transport=websocket&sid={sid}");
+    let ws_new = "EIO=4&transport=websocket".to_owned();
+    let forbidden = Some(Refusal::plain(Class::Forbidden));
+    for (query, upgrade, origin, refused) in [
+        (&polling, false, Some(&b"http://app.test"[..]), None),
+        (&polling, false, None, None),
+        (&polling, false, Some(b"http://evil.test"), forbidden),
+        (&ws_new, true, Some(b"http://evil.test"), forbidden),
+        (&ws_new, true, Some(b"http://app.test"), None),
+        (&ws_sid, true, Some(b"http://evil.test"), forbidden),
+        (&ws_sid, true, None, None),
+        // A polling request of an open session: the browser will not let the page read the
+        // answer; the worker holds the session anyway.
+        (&with_sid, false, Some(b"http://evil.test"), None),
+    ] {
+        let req = Request {
+            origin,
+            ..request("/socket.io/", Some(query), upgrade)
+        };
+        assert_eq!(
+            refusal(&listed.route(&req, &fleet)),
+            refused,
+            "{query} {origin:?}"
+        );
+    }
+    // With no list (off, or "*"), every origin may open a session.
+    for router in [router(true), cors_router(&["*"])] {
+        let req = Request {
+            origin: Some(b"http://evil.test"),
+            ..request("/socket.io/", Some(&ws_new), true)
+        };
+        assert_eq!(refusal(&router.route(&req, &fleet)), None);
+    }
 }

@@ -32,7 +32,7 @@ pub use error::ConfigError;
 pub use ip_network::IpNetwork;
 pub use location::locate_key;
 pub use redis::RedisConfig;
-pub use socketio::SocketIoConfig;
+pub use socketio::{CorsConfig, SocketIoConfig};
 pub use validate::{validate_host_port, validate_redis_url};
 pub use workers::{MAX_WORKERS, WorkersConfig};
 

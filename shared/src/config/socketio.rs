@@ -24,6 +24,22 @@ pub struct SocketIoConfig {
     /// Also accept Engine.IO 3 clients (Socket.IO 2.x client libraries), as Node's
     /// `allowEIO3`. Default false: they are answered 400 "Unsupported protocol version".
     pub allow_eio3: bool,
+    /// Browsers on other origins.
+    pub cors: CorsConfig,
+}
+
+/// `socketio.cors`: which web origins may use the fleet from a browser.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `[]` (default): no CORS headers, browsers on other origins are refused by the browser
+    /// itself. `["*"]`: any origin, never with credentials. A list of exact origins
+    /// (`https://app.example.com`): each is echoed back with `Vary: Origin`, and a handshake or
+    /// WebSocket upgrade from any other origin is refused 403.
+    pub origins: Vec<String>,
+    /// Send `Access-Control-Allow-Credentials: true` (cookies, HTTP auth) to listed origins.
+    /// Default false; refused at start with `"*"`.
+    pub credentials: bool,
 }
 
 impl Default for SocketIoConfig {
@@ -36,6 +52,7 @@ impl Default for SocketIoConfig {
             max_buffer_packets: 1024,
             ws_read_buffer_bytes: 1024,
             allow_eio3: false,
+            cors: CorsConfig::default(),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The checks serde cannot make: ranges and relations between keys, one function per section,
 //! run in file order. Each refusal is `(dotted key, message)`; the caller adds the line.
 
-use super::{BalancerConfig, FleetConfig, MAX_WORKERS, RedisConfig, SocketIoConfig, WorkersConfig};
+use super::{
+    BalancerConfig, CorsConfig, FleetConfig, MAX_WORKERS, RedisConfig, SocketIoConfig,
+    WorkersConfig,
+};
 
 /// The key refused and why.
 type Refusal = (&'static str, String);
@@ -165,6 +168,54 @@ fn socketio(s: &SocketIoConfig) -> Result<(), Refusal> {
             "socketio.ws_read_buffer_bytes",
             "must be 256 to 16777216".into(),
         ));
+    }
+    cors(&s.cors)
+}
+
+fn cors(c: &CorsConfig) -> Result<(), Refusal> {
+    let any = c.origins.iter().any(|o| o == "*");
+    if any && c.origins.len() > 1 {
+        return Err((
+            "socketio.cors.origins",
+            r#"give either ["*"] or a list of origins, not both"#.into(),
+        ));
+    }
+    if any && c.credentials {
+        return Err((
+            "socketio.cors.credentials",
+            r#"cannot be true with origins ["*"]: browsers refuse credentials for any origin; list the origins"#.into(),
+        ));
+    }
+    for origin in c.origins.iter().filter(|o| *o != "*") {
+        validate_origin(origin).map_err(|m| ("socketio.cors.origins", m))?;
+    }
+    Ok(())
+}
+
+/// A web origin as browsers send it: `scheme://host[:port]`, lowercase, nothing after.
+///
+/// # Errors
+/// What is wrong, quoting `s`.
+pub fn validate_origin(s: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{s:?} is not an origin like https://app.example.com: {why}"
+        ))
+    };
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return bad("no scheme");
+    };
+    if scheme != "http" && scheme != "https" {
+        return bad("the scheme must be http or https");
+    }
+    if rest.is_empty() {
+        return bad("no host");
+    }
+    if rest.contains(['/', '?', '#', '@', ' ']) {
+        return bad("nothing may follow the host and port, not even a /");
+    }
+    if s.chars().any(|c| c.is_ascii_uppercase()) {
+        return bad("browsers send origins in lowercase");
     }
     Ok(())
 }
