@@ -5,17 +5,22 @@
    @socket.io/redis-adapter): server CPU per delivered message, server memory per idle
    client, delivery p50/p99 at a fixed offered load, highest delivered/s with p99 < 100 ms;
 2. the balancer tax: the same scenario through the balancer and straight to the workers;
-3. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
+3. `auth.mode: jwt` against `none`: CPU per delivery at the fixed load, and connections per
+   second and server CPU per connection in a burst of connects;
+4. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
    requests/s when flooded, and the latency it adds at a fixed load;
-4. (--capacity) how many clients the fleet holds: through one balancer process, and through
+5. (--capacity) how many clients the fleet holds: through one balancer process, and through
    several sharing the public port (SO_REUSEPORT).
 
 Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
-       [--capacity | --only-capacity | --only-polling | --only-fixed] [--json FILE]
+       [--capacity | --only-capacity | --only-polling | --only-fixed | --only-auth] [--json FILE]
 Servers and clients all run on 127.0.0.1; "server" CPU and memory include Redis.
 """
 
 import argparse
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -114,7 +119,7 @@ class Fleet:
     With `handoff` (the default) the spawning balancer passes WebSockets to its workers; the
     extra balancers, which spawn nothing, always relay."""
 
-    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True):
+    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml=""):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -127,7 +132,7 @@ class Fleet:
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
                 f"  handoff: {'true' if handoff else 'false'}\n"
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
-                f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n")
+                f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n" + extra_yaml)
             self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
             if i == 0:
                 for w in range(workers):
@@ -318,6 +323,70 @@ def balancer_tax(args, results):
     results["balancer_tax"] = out
 
 
+JWT_SECRET = "bench-secret-that-is-at-least-32-bytes"
+
+
+def hs256_token(sub, ttl=3600):
+    """An HS256 JWT for `JWT_SECRET`, made with the standard library."""
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": sub, "exp": int(time.time()) + ttl, "rooms": ["*"], "publish": ["*"]}).encode())
+    sig = b64(hmac.new(JWT_SECRET.encode(), head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
+
+
+def auth(args, results):
+    """`auth.mode: jwt` against `none`, in alternating rounds, medians reported: server CPU per
+    delivery at the fixed load (authentication is per connection, so it should not move), and
+    the connect phase of `auth_clients` clients as fast as they come: connections per second
+    and server CPU per connection."""
+    print("== auth: jwt vs none", file=sys.stderr)
+    runs = {mode: [] for mode in ("none", "jwt")}
+    for _ in range(args.auth_rounds):
+        for mode, runs_of in runs.items():
+            extra = f"auth:\n  mode: jwt\n  jwt:\n    hs256_secret: {JWT_SECRET}\n" if mode == "jwt" else ""
+            token = ["--token", hs256_token("bench")] if mode == "jwt" else []
+            redis = Redis()
+            fleet = Fleet(redis, args.workers, extra_yaml=extra)
+            pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
+            try:
+                run = measured_run(pids, fleet.url, scenario(args.rate, args.duration) + token, f"auth-{mode}",
+                                   balancer_pids=fleet.balancer_pids)
+                run.update(connect_phase(pids, fleet.url, args.auth_clients, token, f"auth-connect-{mode}"))
+                runs_of.append(run)
+            finally:
+                fleet.stop()
+                redis.stop()
+    out = {}
+    for mode, rs in runs.items():
+        med = lambda k: round(statistics.median(r[k] for r in rs), 2)  # noqa: E731
+        out[mode] = {"runs": rs, "median": {k: med(k) for k in (
+            "cpu_us_per_delivery", "p50_ms", "p99_ms", "connects_per_sec", "cpu_us_per_connect")}}
+    results["auth"] = out
+
+
+def connect_phase(server_pids, url, clients, token, name):
+    """Connects `clients` as fast as they come (no rate limit) and publishes once: the time and
+    server CPU from the generator's start to its "ready" line."""
+    mark = {"t0": time.monotonic(), "cpu0": cpu_seconds(server_pids())}
+
+    def on_ready():
+        mark["t"] = time.monotonic()
+        mark["cpu"] = cpu_seconds(server_pids())
+
+    report = loadtest(url, ["-c", clients, "--rooms", 10, "--publishers", 1, "--messages", 1, "-d", 1,
+                            "--settle", 1, "--connect-rate", 100000, "--connect-timeout", 90,
+                            "--transport", "websocket", *token], on_ready=on_ready, name=name)
+    secs = mark["t"] - mark["t0"]
+    return {
+        "connect_clients": report["connected"],
+        "connects_per_sec": round(report["connected"] / secs),
+        "cpu_us_per_connect": round((mark["cpu"] - mark["cpu0"]) * 1e6 / max(report["connected"], 1), 1),
+        "connect_p99_ms": report["connect_ms"]["p99"],
+    }
+
+
 def polling_scenario(load, duration):
     """Each of 200 long-polling clients alone in its room, publishing to it: every publish is a
     POST, and its delivery and ack come back on the client's pending GET."""
@@ -446,6 +515,13 @@ def table(results):
                      f"{n['p50_ms']}/{n['p99_ms']} node ms; balancer CPU {t['balancer_share_pct']}% of the rest's; "
                      f"failures (errors, missing, duplicate) {t['failures_all_runs']} / {d['failures_all_runs']} / "
                      f"{n['failures_all_runs']}")
+    a = results.get("auth")
+    if a:
+        n, j = a["none"]["median"], a["jwt"]["median"]
+        lines.append(f"auth.mode jwt vs none (medians): CPU per delivery {j['cpu_us_per_delivery']} vs "
+                     f"{n['cpu_us_per_delivery']} us; p50/p99 {j['p50_ms']}/{j['p99_ms']} vs {n['p50_ms']}/{n['p99_ms']} ms; "
+                     f"connects/s {j['connects_per_sec']} vs {n['connects_per_sec']}; server CPU per connect "
+                     f"{j['cpu_us_per_connect']} vs {n['cpu_us_per_connect']} us")
     for label, c in results.get("capacity", {}).items():
         lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
                      f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
@@ -459,6 +535,7 @@ def main():
     ap.add_argument("--capacity", action="store_true", help="also the capacity runs (minutes)")
     ap.add_argument("--only-capacity", action="store_true")
     ap.add_argument("--only-polling", action="store_true", help="only the long-polling section")
+    ap.add_argument("--only-auth", action="store_true", help="only auth.mode jwt against none")
     ap.add_argument("--only-fixed", action="store_true",
                     help="only the fixed-load comparison (fleet vs node); the other figures are kept")
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
@@ -469,21 +546,25 @@ def main():
     args.idle_clients, args.rates = 10_000, [20, 50, 100, 200, 400]
     args.cap_one, args.cap_many = 9_500, 40_000
     args.polling_rate, args.polling_duration, args.polling_rounds = 5, 10, 3
+    args.auth_rounds, args.auth_clients = 3, 3000
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
         args.cap_one, args.cap_many = 500, 1500
         args.polling_duration, args.polling_rounds = 3, 1
+        args.auth_rounds, args.auth_clients = 1, 300
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
-    partial = args.only_capacity or args.only_polling or args.only_fixed
+    partial = args.only_capacity or args.only_polling or args.only_fixed or args.only_auth
     if partial and Path(args.json).exists():  # one section re-run: the others are kept
         results = {**json.loads(Path(args.json).read_text()), **results}
     if not partial or args.only_fixed:
         compare(args, results)
     if not partial:
         balancer_tax(args, results)
-    if not (args.only_capacity or args.only_fixed):
+    if not partial or args.only_auth:
+        auth(args, results)
+    if not (args.only_capacity or args.only_fixed or args.only_auth):
         polling(args, results)
     if args.capacity or args.only_capacity:
         capacity(args, results)

@@ -209,6 +209,9 @@ class Balancer(Proc):
     def worker_url(self, i):
         return f"http://127.0.0.1:{self.base_port + i}"
 
+    def worker_metrics(self, i):
+        return parse_metrics(requests.get(self.worker_url(i) + "/metrics", timeout=2).text)
+
     def wait_ready(self, timeout=20):
         """Every worker passes its health check, as the balancer itself reports."""
         def ready():

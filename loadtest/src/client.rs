@@ -139,7 +139,8 @@ async fn connect(
 ) -> Result<(Conn, String), ConnError> {
     let started = Instant::now();
     let (mut conn, _open) = Conn::open(target, shared.scenario.transport, source).await?;
-    conn.send(&[protocol::connect()]).await?;
+    conn.send(&[protocol::connect(shared.scenario.token.as_deref())])
+        .await?;
     let mut worker = None;
     let mut joined = false;
     let mut connected = false;

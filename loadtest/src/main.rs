@@ -70,6 +70,10 @@ struct Args {
     /// Tolerated fraction of missing + duplicate deliveries.
     #[arg(long)]
     max_loss: Option<f64>,
+    /// A token every client sends in its CONNECT auth payload, for a fleet with
+    /// `auth.mode: jwt` or `proxy` (default: $LOADTEST_TOKEN; none).
+    #[arg(long, env = "LOADTEST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -96,6 +100,9 @@ impl Args {
               max_loss => max_loss);
         if self.window.is_some() {
             s.window = self.window;
+        }
+        if self.token.is_some() {
+            s.token.clone_from(&self.token);
         }
         if self.messages.is_some() {
             s.messages = self.messages;

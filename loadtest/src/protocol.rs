@@ -1,7 +1,7 @@
 //! Engine.IO v4 and Socket.IO v5 packets, as text: just what the default app's protocol uses
 //! (no binary attachments, main namespace only).
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The record separator between packets of one polling payload.
 pub const SEPARATOR: char = '\u{1e}';
@@ -160,9 +160,12 @@ impl Sio {
     }
 }
 
-/// `40`: connect to the main namespace.
-pub fn connect() -> String {
-    "40".to_owned()
+/// `40`: connect to the main namespace; `40{"token":...}` with an auth token.
+pub fn connect(token: Option<&str>) -> String {
+    match token {
+        None => "40".to_owned(),
+        Some(t) => format!("40{}", json!({ "token": t })),
+    }
 }
 
 /// `42[id]["name", arg]`: an event, with an ack id when one is wanted.

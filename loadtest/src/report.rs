@@ -88,7 +88,8 @@ pub struct Report {
     pub delivered_per_sec: f64,
     /// HTTP requests answered per second while publishing (long-polling; 0 over WebSocket).
     pub http_requests_per_sec: f64,
-    /// Whether missing + duplicate deliveries stayed within `max_loss`.
+    /// Whether every client connected and missing + duplicate deliveries stayed within
+    /// `max_loss`.
     pub pass: bool,
 }
 
@@ -99,14 +100,20 @@ impl Report {
         let unique = s.delivered - s.duplicates;
         let missing = expected.saturating_sub(unique);
         let bad = missing + s.duplicates;
-        let pass = if expected == 0 {
-            bad == 0
-        } else {
-            bad as f64 <= scenario.max_loss * expected as f64
-        };
+        // A client that never connected is a failure, even with nothing owed to it.
+        let pass = s.failed == 0
+            && if expected == 0 {
+                bad == 0
+            } else {
+                bad as f64 <= scenario.max_loss * expected as f64
+            };
         let secs = s.publish_secs.max(1e-9);
         Report {
-            scenario: scenario.clone(),
+            scenario: Scenario {
+                // The report may be shared; the token is a credential.
+                token: scenario.token.as_ref().map(|_| "<redacted>".to_owned()),
+                ..scenario.clone()
+            },
             clients: s.clients,
             connected: s.ready,
             failed: s.failed,
@@ -212,6 +219,11 @@ impl Report {
             "{}",
             if self.pass {
                 "PASS: deliveries exactly once within max_loss".to_owned()
+            } else if self.failed > 0 {
+                format!(
+                    "FAIL: {} of {} clients never connected",
+                    self.failed, self.clients
+                )
             } else {
                 format!(
                     "FAIL: {} missing + {} duplicate over max_loss {}",

@@ -59,6 +59,10 @@ pub struct Scenario {
     pub procs: usize,
     /// The largest tolerated fraction of missing or duplicate deliveries (0 = none).
     pub max_loss: f64,
+    /// A token every client sends in its CONNECT auth payload (`{"token": ...}`), for a fleet
+    /// with `auth.mode: jwt` or `proxy`. Never written into a report.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Default for Scenario {
@@ -82,6 +86,7 @@ impl Default for Scenario {
             sources: Vec::new(),
             procs: 1,
             max_loss: 0.0,
+            token: None,
         }
     }
 }

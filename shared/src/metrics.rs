@@ -14,6 +14,10 @@ pub const LABEL_OUTCOME: &str = "outcome";
 pub const LABEL_REASON: &str = "reason";
 /// Label carrying the class of a request the balancer refused itself.
 pub const LABEL_CLASS: &str = "class";
+/// Label: how an authentication ended.
+pub const LABEL_RESULT: &str = "result";
+/// Label: what a client tried.
+pub const LABEL_ACTION: &str = "action";
 
 /// Gauge: sockets connected to this worker.
 pub const WORKER_CONNECTIONS: &str = "fleet_worker_connections";
@@ -40,6 +44,11 @@ pub const WORKER_REDIS_PUBLISH_FAILURES_TOTAL: &str = "fleet_worker_redis_publis
 pub const WORKER_REDIS_MEMORY_BYTES: &str = "fleet_worker_redis_memory_bytes";
 /// Gauge 0/1: draining (SIGTERM received).
 pub const WORKER_DRAINING: &str = "fleet_worker_draining";
+/// Counter by `result`: connection attempts by how authentication ended (`ok`, `missing`,
+/// `invalid`, `expired`, `forbidden`, `unavailable`).
+pub const WORKER_AUTH_TOTAL: &str = "fleet_worker_auth_total";
+/// Counter by `action` (`join`, `publish`): client requests outside their permissions.
+pub const WORKER_FORBIDDEN_TOTAL: &str = "fleet_worker_forbidden_total";
 
 /// Every worker metric name.
 pub const WORKER_METRICS: &[&str] = &[
@@ -55,6 +64,8 @@ pub const WORKER_METRICS: &[&str] = &[
     WORKER_REDIS_PUBLISH_FAILURES_TOTAL,
     WORKER_REDIS_MEMORY_BYTES,
     WORKER_DRAINING,
+    WORKER_AUTH_TOTAL,
+    WORKER_FORBIDDEN_TOTAL,
 ];
 
 /// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,
@@ -135,6 +146,8 @@ mod tests {
             LABEL_OUTCOME,
             LABEL_REASON,
             LABEL_CLASS,
+            LABEL_RESULT,
+            LABEL_ACTION,
         ] {
             assert!(is_name(label) && !label.starts_with("__"), "{label}");
             assert!(seen.insert(label), "{label} twice");

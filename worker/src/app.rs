@@ -1,5 +1,6 @@
-//! The default rooms app: whoami, echo, join, leave, publish → message. Its protocol is a
-//! contract spoken by the load tester, the tests and outside tools.
+//! The default rooms app: whoami, echo, join, leave, publish → message, within each socket's
+//! permissions (see [`crate::auth`]). Its protocol is a contract spoken by the load tester, the
+//! tests and outside tools.
 
 use serde_json::{Value, json};
 use shared::protocol::{
@@ -7,6 +8,7 @@ use shared::protocol::{
 };
 use socketioxide::extract::TryData;
 
+use crate::auth::Grant;
 use crate::fleet::{Ack, App, Fleet, Socket};
 
 /// The default app. Plug your own [`App`] into [`crate::run`] instead to serve your events.
@@ -20,9 +22,10 @@ impl App for RoomsApp {
         let f = fleet.clone();
         socket.on(EV_WHOAMI, async move |s: Socket, ack: Ack| {
             f.count_event(EV_WHOAMI);
+            let user = Fleet::grant(&s).user;
             reply(
                 ack,
-                json!({ "worker": f.worker_id(), "sid": s.id.to_string() }),
+                json!({ "worker": f.worker_id(), "sid": s.id.to_string(), "user": user }),
             );
         });
         let f = fleet.clone();
@@ -30,30 +33,53 @@ impl App for RoomsApp {
             f.count_event(EV_ECHO);
             reply(ack, arg.unwrap_or(Value::Null));
         });
-        on_room(&socket, fleet, EV_JOIN, |s, room| s.join(room));
-        on_room(&socket, fleet, EV_LEAVE, |s, room| s.leave(room));
-        let f = fleet.clone();
-        socket.on(EV_PUBLISH, async move |TryData(arg): Arg, ack: Ack| {
-            f.count_event(EV_PUBLISH);
-            let (room, data) = match publish_arg(arg.ok()) {
-                Ok(parts) => parts,
-                Err(why) => return reply(ack, refusal(why)),
-            };
-            let message = json!({ "room": room, "data": data });
-            reply(
-                ack,
-                match f.publish(room, EV_MESSAGE, &message).await {
-                    Ok(0) => json!({ "ok": true }),
-                    Ok(dropped) => json!({ "ok": true, "dropped": dropped }),
-                    Err(e) => refusal(format!("broadcast failed: {e}")),
-                },
-            );
+        on_room(&socket, fleet, EV_JOIN, Grant::may_join, |s, room| {
+            s.join(room)
         });
+        on_room(
+            &socket,
+            fleet,
+            EV_LEAVE,
+            |_, _| true,
+            |s, room| s.leave(room),
+        );
+        let f = fleet.clone();
+        socket.on(
+            EV_PUBLISH,
+            async move |s: Socket, TryData(arg): Arg, ack: Ack| {
+                f.count_event(EV_PUBLISH);
+                let (room, data) = match publish_arg(arg.ok()) {
+                    Ok(parts) => parts,
+                    Err(why) => return reply(ack, refusal(why)),
+                };
+                if !Fleet::grant(&s).may_publish(&room) {
+                    f.count_forbidden(EV_PUBLISH);
+                    return reply(ack, refusal(FORBIDDEN));
+                }
+                let message = json!({ "room": room, "data": data });
+                reply(
+                    ack,
+                    match f.publish(room, EV_MESSAGE, &message).await {
+                        Ok(0) => json!({ "ok": true }),
+                        Ok(dropped) => json!({ "ok": true, "dropped": dropped }),
+                        Err(e) => refusal(format!("broadcast failed: {e}")),
+                    },
+                );
+            },
+        );
     }
 }
 
-/// `join` and `leave`: validate the room, apply `op`, acknowledge `{"ok": true, "room"}`.
-fn on_room(socket: &Socket, fleet: &Fleet, event: &'static str, op: fn(&Socket, String)) {
+/// `join` and `leave`: validate the room, check `allowed`, apply `op`, acknowledge
+/// `{"ok": true, "room"}`; a room outside the socket's permissions is acknowledged
+/// `{"ok": false, "error": "forbidden"}` and nothing is done.
+fn on_room(
+    socket: &Socket,
+    fleet: &Fleet,
+    event: &'static str,
+    allowed: fn(&Grant, &str) -> bool,
+    op: fn(&Socket, String),
+) {
     let f = fleet.clone();
     socket.on(
         event,
@@ -62,6 +88,10 @@ fn on_room(socket: &Socket, fleet: &Fleet, event: &'static str, op: fn(&Socket, 
             reply(
                 ack,
                 match room_arg(arg.ok()) {
+                    Ok(room) if !allowed(&Fleet::grant(&s), &room) => {
+                        f.count_forbidden(event);
+                        refusal(FORBIDDEN)
+                    }
                     Ok(room) => {
                         op(&s, room.clone());
                         json!({ "ok": true, "room": room })
@@ -72,6 +102,9 @@ fn on_room(socket: &Socket, fleet: &Fleet, event: &'static str, op: fn(&Socket, 
         },
     );
 }
+
+/// The refusal of a room outside a socket's permissions.
+const FORBIDDEN: &str = "forbidden";
 
 /// Acknowledge if the client asked for it; a client that went away is not an error.
 fn reply(ack: Ack, value: Value) {

@@ -11,6 +11,7 @@ use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::{BroadcastError, SocketIo};
 
 use crate::FleetAdapter;
+use crate::auth::Grant;
 use crate::metrics::WorkerMetrics;
 
 /// A connected client's socket, as an app's handlers receive it (the `SocketRef` extractor of
@@ -48,6 +49,20 @@ impl Fleet {
     /// The Socket.IO server, for anything the helpers below do not cover.
     pub fn io(&self) -> &Io {
         &self.io
+    }
+
+    /// What `socket` may do, as its connection was admitted (`auth:`, `rooms:`).
+    pub fn grant(socket: &Socket) -> Grant {
+        socket
+            .extensions
+            .get::<Grant>()
+            .unwrap_or_else(Grant::anonymous)
+    }
+
+    /// Count a client request refused by its permissions in
+    /// `fleet_worker_forbidden_total{action}`.
+    pub fn count_forbidden(&self, action: &str) {
+        self.metrics.forbidden.with_label_values(&[action]).inc();
     }
 
     /// Count one received event in `fleet_worker_events_total{event}`.

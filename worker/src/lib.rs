@@ -8,6 +8,7 @@
 //! - [`fleet`]: the [`App`] trait, the [`Fleet`] handle apps receive, and the Socket.IO types
 //!   apps name ([`Socket`], [`Ack`], [`Io`]).
 //! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
+//! - [`auth`]: who may connect (`auth:`) and what each socket may do with rooms.
 //! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
 //!   [`handoff`]: connections the supervising balancer passes over.
 //! - [`http`]: routing of the single port; [`drain`]: moving clients away on SIGTERM.
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod auth;
 pub mod conn;
 pub mod drain;
 pub mod drivers;
@@ -33,6 +35,7 @@ use std::time::Duration;
 use shared::shutdown;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Emitter;
+use socketioxide::extract::TryData;
 use socketioxide::handler::ConnectHandler;
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::{TcpListener, UnixDatagram};
@@ -56,6 +59,9 @@ pub enum StartError {
     /// The Socket.IO namespace could not be set up.
     #[error("socket.io namespace setup: {0}")]
     Namespace(String),
+    /// The `auth:` section is unusable (a key file, the backend's URL).
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Where a worker's connections come from: its port, and the channel from a supervising
@@ -108,17 +114,39 @@ pub async fn run(
         .with_adapter::<FleetAdapter>(ctr)
         .build_svc();
 
+    let admission =
+        Arc::new(auth::Gate::new(&settings.auth, &settings.rooms).map_err(StartError::Auth)?);
+    if admission.is_open() {
+        tracing::warn!("auth.mode none: anyone may connect, join and publish any room");
+    }
     let registry = Arc::new(conn::ConnRegistry::default());
     let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone());
     let app = Arc::new(app);
     let ns_registry = Arc::clone(&registry);
+    let ns_metrics = metrics.clone();
+    let ns_io = io.clone();
     // Registering the namespace subscribes its channels (or queues them while Redis is down);
     // the link starts after, so "up" always means "every channel subscribed".
     // The app's handlers are registered in a connect middleware, not the connect handler:
     // socketioxide sends the CONNECT packet before it spawns the (async) connect handler, so
     // a client that emits at once on connect could otherwise beat the handler's `on(...)`
     // and lose the event. Middlewares run before the CONNECT packet is sent.
-    let setup = async move |socket: Socket| -> Result<(), std::convert::Infallible> {
+    // Authentication runs here too, before the CONNECT packet: a refused client never gets
+    // a connected socket, and nothing of the app runs for it.
+    let setup = async move |socket: Socket,
+                            TryData(payload): TryData<serde_json::Value>|
+                -> Result<(), auth::Refused> {
+        let outcome = admission.admit(&socket, payload.ok().as_ref()).await;
+        let result = outcome.as_ref().map_or_else(|o| *o, |_| auth::Outcome::Ok);
+        ns_metrics.auth.with_label_values(&[result.as_str()]).inc();
+        let grant = outcome.map_err(auth::Refused)?;
+        if let Some(user) = &grant.user {
+            socket.join(auth::user_room(user));
+        }
+        if let Some(exp) = grant.expires {
+            auth::disconnect_at(ns_io.clone(), socket.id, exp);
+        }
+        socket.extensions.insert(grant);
         bind_websocket_handshake(&ns_registry, &socket);
         app.on_connect(socket, &fleet);
         Ok(())

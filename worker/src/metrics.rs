@@ -43,6 +43,10 @@ pub struct WorkerMetrics {
     pub redis_memory: IntGauge,
     /// 1 while draining.
     pub draining: IntGauge,
+    /// Connection attempts by authentication result.
+    pub auth: IntCounterVec,
+    /// Client requests refused by their permissions, by action.
+    pub forbidden: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -90,9 +94,33 @@ impl WorkerMetrics {
             redis_memory: IntGauge::new(names::WORKER_REDIS_MEMORY_BYTES, "Redis used_memory")
                 .unwrap(),
             draining: IntGauge::new(names::WORKER_DRAINING, "1 while draining").unwrap(),
+            auth: IntCounterVec::new(
+                Opts::new(
+                    names::WORKER_AUTH_TOTAL,
+                    "Connection attempts by authentication result",
+                ),
+                &[names::LABEL_RESULT],
+            )
+            .unwrap(),
+            forbidden: IntCounterVec::new(
+                Opts::new(
+                    names::WORKER_FORBIDDEN_TOTAL,
+                    "Client requests outside their permissions",
+                ),
+                &[names::LABEL_ACTION],
+            )
+            .unwrap(),
             registry,
         };
         m.register_all();
+        // Every series exists from the start: a rate over a counter that appears late misses
+        // its first increments.
+        for outcome in crate::auth::Outcome::ALL {
+            m.auth.with_label_values(&[outcome.as_str()]);
+        }
+        for action in [shared::protocol::EV_JOIN, shared::protocol::EV_PUBLISH] {
+            m.forbidden.with_label_values(&[action]);
+        }
         m
     }
 
@@ -110,6 +138,8 @@ impl WorkerMetrics {
             Box::new(self.redis_publish_failures.clone()),
             Box::new(self.redis_memory.clone()),
             Box::new(self.draining.clone()),
+            Box::new(self.auth.clone()),
+            Box::new(self.forbidden.clone()),
         ];
         for c in collectors {
             // Names are distinct constants, so registration cannot collide.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shared::FleetConfig;
-use shared::config::{RedisConfig, SocketIoConfig};
+use shared::config::{AuthConfig, RedisConfig, RoomsConfig, SocketIoConfig};
 
 /// One worker's settings.
 #[derive(Debug, Clone)]
@@ -22,6 +22,10 @@ pub struct WorkerSettings {
     pub max_connections: usize,
     /// Drain window.
     pub drain_window: Duration,
+    /// Who may connect.
+    pub auth: AuthConfig,
+    /// What clients may do with rooms.
+    pub rooms: RoomsConfig,
 }
 
 impl WorkerSettings {
@@ -47,6 +51,8 @@ impl WorkerSettings {
             socketio: cfg.socketio.clone(),
             max_connections: cfg.workers.max_connections as usize,
             drain_window: cfg.workers.drain_window(),
+            auth: cfg.auth.clone(),
+            rooms: cfg.rooms.clone(),
         })
     }
 
@@ -63,6 +69,8 @@ impl WorkerSettings {
             socketio: defaults.socketio,
             max_connections: defaults.workers.max_connections as usize,
             drain_window: defaults.workers.drain_window(),
+            auth: defaults.auth,
+            rooms: defaults.rooms,
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - this file: [`FleetConfig`], the whole file, with `load` / `from_yaml_str` and helpers.
-//! - `redis`, `workers`, `socketio`, `balancer`: one section each; the structs are the
+//! - `redis`, `workers`, `socketio`, `balancer`, `auth` (with `rooms`): one section each; the structs are the
 //!   reference of the keys, and each `impl Default` right below its struct lists the defaults.
 //! - [`IpNetwork`] (`ip_network`): the parsed form of `balancer.trusted_proxies` entries.
 //! - `validate`: the range and relation checks serde cannot make, one function per section.
@@ -11,6 +11,7 @@
 //! - `error`: [`ConfigError`], and serde_yaml's errors translated into it.
 //! - `location`: [`locate_key`], a dotted key's line from YAML parser events.
 
+mod auth;
 mod balancer;
 mod env;
 mod error;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use auth::{AuthConfig, AuthMode, JwtConfig, ProxyAuthConfig, RoomsConfig};
 pub use balancer::{BalancerConfig, Placement};
 pub use error::ConfigError;
 pub use ip_network::IpNetwork;
@@ -52,6 +54,10 @@ pub struct FleetConfig {
     pub socketio: SocketIoConfig,
     /// The front proxy: placement, health checks, stickiness, shutdown.
     pub balancer: BalancerConfig,
+    /// Who may connect.
+    pub auth: AuthConfig,
+    /// What clients may do with rooms.
+    pub rooms: RoomsConfig,
 }
 
 impl Default for FleetConfig {
@@ -63,6 +69,8 @@ impl Default for FleetConfig {
             workers: WorkersConfig::default(),
             socketio: SocketIoConfig::default(),
             balancer: BalancerConfig::default(),
+            auth: AuthConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 }
@@ -86,6 +94,13 @@ impl FleetConfig {
             e
         })?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate_secrets()
+            .map_err(|(key, message)| ConfigError {
+                file: Some(path.to_owned()),
+                line: locate_key(&text, key),
+                key: Some(key.to_owned()),
+                message,
+            })?;
         Ok(cfg)
     }
 

@@ -2,12 +2,12 @@
 //! run in file order. Each refusal is `(dotted key, message)`; the caller adds the line.
 
 use super::{
-    BalancerConfig, CorsConfig, FleetConfig, MAX_WORKERS, RedisConfig, SocketIoConfig,
-    WorkersConfig,
+    AuthConfig, AuthMode, BalancerConfig, CorsConfig, FleetConfig, MAX_WORKERS, RedisConfig,
+    SocketIoConfig, WorkersConfig,
 };
 
 /// The key refused and why.
-type Refusal = (&'static str, String);
+pub(super) type Refusal = (&'static str, String);
 
 impl FleetConfig {
     /// Check the values serde cannot: ranges and relations between keys. The first refusal
@@ -17,7 +17,23 @@ impl FleetConfig {
         worker_sources(&self.workers)?;
         balancer(&self.balancer)?;
         redis(&self.redis)?;
-        socketio(&self.socketio)
+        socketio(&self.socketio)?;
+        auth(&self.auth)
+    }
+
+    /// The checks that need the secrets, which the environment may supply after the file was
+    /// read (`FLEET_JWT_SECRET`): run once the overrides are applied.
+    pub fn validate_secrets(&self) -> Result<(), Refusal> {
+        let jwt = &self.auth.jwt;
+        if self.auth.mode == AuthMode::Jwt
+            && jwt.hs256_secret.is_empty() == jwt.public_key_file.is_empty()
+        {
+            return Err((
+                "auth.mode",
+                "jwt needs exactly one key: auth.jwt.hs256_secret (or env FLEET_JWT_SECRET) or auth.jwt.public_key_file".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -216,6 +232,40 @@ pub fn validate_origin(s: &str) -> Result<(), String> {
     }
     if s.chars().any(|c| c.is_ascii_uppercase()) {
         return bad("browsers send origins in lowercase");
+    }
+    Ok(())
+}
+
+fn auth(a: &AuthConfig) -> Result<(), Refusal> {
+    if a.mode == AuthMode::Proxy {
+        let url = url::Url::parse(&a.proxy.url).map_err(|e| {
+            (
+                "auth.proxy.url",
+                format!(
+                    "mode proxy needs the backend's URL ({e}): {:?}",
+                    a.proxy.url
+                ),
+            )
+        })?;
+        if url.scheme() != "http" {
+            return Err((
+                "auth.proxy.url",
+                format!("must be an http:// URL, got {:?}", a.proxy.url),
+            ));
+        }
+    }
+    if !(1..=60_000).contains(&a.proxy.timeout_ms) {
+        return Err(("auth.proxy.timeout_ms", "must be 1 to 60000".into()));
+    }
+    if !a.jwt.hs256_secret.is_empty() && a.jwt.hs256_secret.len() < 32 {
+        return Err((
+            "auth.jwt.hs256_secret",
+            "must be at least 32 bytes: a short HS256 secret can be guessed offline from one token"
+                .into(),
+        ));
+    }
+    if a.jwt.leeway_secs > 3600 {
+        return Err(("auth.jwt.leeway_secs", "must be at most 3600".into()));
     }
     Ok(())
 }

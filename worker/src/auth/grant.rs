@@ -1,0 +1,97 @@
+//! What an authenticated client may do: its user, the rooms it may join and publish to, and
+//! when its credentials expire. Room patterns are names, or a prefix ending in `*`
+//! (`"chat:*"`); `"*"` alone is any room.
+
+use serde::Deserialize;
+
+/// Rooms named `user:<id>` hold every socket of one user; only the server puts sockets there.
+pub const USER_ROOM_PREFIX: &str = "user:";
+
+/// The room of `user`'s sockets.
+pub fn user_room(user: &str) -> String {
+    format!("{USER_ROOM_PREFIX}{user}")
+}
+
+/// A list of room patterns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Rooms(Vec<String>);
+
+impl Rooms {
+    /// Any room.
+    pub fn any() -> Self {
+        Rooms(vec!["*".into()])
+    }
+
+    /// Whether `room` matches one of the patterns.
+    pub fn allows(&self, room: &str) -> bool {
+        self.0.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => p == room,
+        })
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for Rooms {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        Rooms(iter.into_iter().map(Into::into).collect())
+    }
+}
+
+/// One socket's permissions, kept in its extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The user id (`sub`); `None` without authentication.
+    pub user: Option<String>,
+    /// Rooms it may join.
+    pub rooms: Rooms,
+    /// Rooms it may publish to.
+    pub publish: Rooms,
+    /// When its credentials expire (Unix seconds); it is disconnected then.
+    pub expires: Option<u64>,
+}
+
+impl Grant {
+    /// `auth.mode: none`: anyone, any room.
+    pub fn anonymous() -> Self {
+        Grant {
+            user: None,
+            rooms: Rooms::any(),
+            publish: Rooms::any(),
+            expires: None,
+        }
+    }
+
+    /// Whether it may join `room`. No client joins a `user:` room: the server puts each
+    /// user's sockets in theirs, and another user's is not to be listened to.
+    pub fn may_join(&self, room: &str) -> bool {
+        !room.starts_with(USER_ROOM_PREFIX) && self.rooms.allows(room)
+    }
+
+    /// Whether it may publish to `room`.
+    pub fn may_publish(&self, room: &str) -> bool {
+        self.publish.allows(room)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_and_prefixes() {
+        let rooms: Rooms = ["lobby", "chat:*"].into_iter().collect();
+        assert!(rooms.allows("lobby"));
+        assert!(rooms.allows("chat:") && rooms.allows("chat:42"));
+        assert!(!rooms.allows("lobby2") && !rooms.allows("chat") && !rooms.allows("Lobby"));
+        assert!(Rooms::any().allows("anything"));
+        assert!(!Rooms::default().allows("lobby"));
+    }
+
+    #[test]
+    fn user_rooms_are_never_joined_by_clients() {
+        let g = Grant::anonymous();
+        assert!(g.may_join("lobby") && g.may_publish("user:bob"));
+        assert!(!g.may_join("user:bob") && !g.may_join(&user_room("alice")));
+    }
+}
