@@ -150,7 +150,7 @@ class Proc:
 class Worker(Proc):
     """A standalone worker (`--listen --redis --id`), or worker `index` of a fleet file."""
 
-    def __init__(self, redis_url=None, wid="w", port=None, drain_secs=None, config=None, index=None):
+    def __init__(self, redis_url=None, wid="w", port=None, drain_secs=None, config=None, index=None, env=None):
         self.port = port or free_port()
         self.id = wid
         if config is not None:
@@ -160,7 +160,7 @@ class Worker(Proc):
                     "--redis", redis_url, "--id", wid]
             if drain_secs is not None:
                 args += ["--drain-window-secs", str(drain_secs)]
-        super().__init__(f"worker-{wid}", args)
+        super().__init__(f"worker-{wid}", args, env=env)
 
     @property
     def url(self):

@@ -10,10 +10,11 @@
 //!   discovery and one probe per worker.
 //! - [`proxy`]: the pingora hooks that carry decisions out: proxy, hand off, relay, refuse.
 //! - [`supervisor`]: worker processes; [`resize`]: the fleet file followed while running;
-//!   [`admin`]: own endpoints; [`metrics`]: the balancer's metrics.
+//!   [`admin`]: own endpoints; [`api`]: the server API; [`metrics`]: the balancer's metrics.
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod api;
 pub mod metrics;
 pub mod placement;
 pub mod proxy;
@@ -117,6 +118,14 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
         HttpServer::new_app(admin::Admin::new(Arc::clone(&workers), cfg.listen)),
     );
     admin.add_tcp(&cfg.metrics_listen.to_string());
+    if let Some(listen) = cfg.api.listen_addr() {
+        let mut api = Service::new(
+            "api".to_owned(),
+            HttpServer::new_app(api::Api::new(Arc::clone(&workers), &cfg.api.key)),
+        );
+        api.add_tcp(&listen.to_string());
+        server.add_service(api);
+    }
 
     if cfg.spawns_workers() {
         server.add_service(background_service(

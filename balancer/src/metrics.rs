@@ -36,6 +36,8 @@ pub struct Metrics {
     pub restarts: IntCounterVec,
     /// Time from request to response end (WebSockets excluded).
     pub duration: Histogram,
+    /// Server API requests, by endpoint and status code.
+    pub api_requests: IntCounterVec,
 }
 
 /// How a WebSocket handoff went: the `outcome` label.
@@ -133,6 +135,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             names::BALANCER_STICKY_REJECTS_TOTAL,
             "Requests refused by stickiness",
             &[names::LABEL_REASON],
+        ),
+        api_requests: c(
+            names::BALANCER_API_REQUESTS_TOTAL,
+            "Server API requests answered",
+            &[names::LABEL_ENDPOINT, names::LABEL_CODE],
         ),
         rejects: c(
             names::BALANCER_REJECTS_TOTAL,

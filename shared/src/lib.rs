@@ -2,6 +2,7 @@
 //! the open-file limit.
 //!
 //! # Layout
+//! - [`api`]: the server API's endpoints, key check (constant time) and body limit.
 //! - [`config`]: `FleetConfig`, parsed and validated from the fleet YAML; errors name file, key, line.
 //! - [`metrics`]: every metric and label name, as constants (the names are a contract).
 //! - [`backoff`]: capped exponential backoff with random jitter; it only computes delays.
@@ -14,6 +15,7 @@
 //! - [`fd_limit`]: the open-file limit, raised to the hard limit at start.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod backoff;
 pub mod clock;
 pub mod config;

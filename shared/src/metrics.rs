@@ -18,6 +18,10 @@ pub const LABEL_CLASS: &str = "class";
 pub const LABEL_RESULT: &str = "result";
 /// Label: what a client tried.
 pub const LABEL_ACTION: &str = "action";
+/// Label: a server API endpoint.
+pub const LABEL_ENDPOINT: &str = "endpoint";
+/// Label: an HTTP status code.
+pub const LABEL_CODE: &str = "code";
 
 /// Gauge: sockets connected to this worker.
 pub const WORKER_CONNECTIONS: &str = "fleet_worker_connections";
@@ -97,6 +101,9 @@ pub const BALANCER_PANIC_PLACEMENTS_TOTAL: &str = "fleet_balancer_panic_placemen
 /// Histogram: time from request to response end (WebSockets excluded).
 pub const BALANCER_REQUEST_DURATION: &str = "fleet_balancer_request_duration_seconds";
 
+/// Counter by `endpoint`, `code`: server API requests answered (`api.listen`).
+pub const BALANCER_API_REQUESTS_TOTAL: &str = "fleet_balancer_api_requests_total";
+
 /// Every balancer metric name.
 pub const BALANCER_METRICS: &[&str] = &[
     BALANCER_REQUESTS_TOTAL,
@@ -110,6 +117,7 @@ pub const BALANCER_METRICS: &[&str] = &[
     BALANCER_WORKER_RESTARTS_TOTAL,
     BALANCER_PANIC_PLACEMENTS_TOTAL,
     BALANCER_REQUEST_DURATION,
+    BALANCER_API_REQUESTS_TOTAL,
 ];
 
 #[cfg(test)]
@@ -148,6 +156,8 @@ mod tests {
             LABEL_CLASS,
             LABEL_RESULT,
             LABEL_ACTION,
+            LABEL_ENDPOINT,
+            LABEL_CODE,
         ] {
             assert!(is_name(label) && !label.starts_with("__"), "{label}");
             assert!(seen.insert(label), "{label} twice");

@@ -1,4 +1,5 @@
-//! The worker's one port: Socket.IO under its path, plus `/metrics`, `/healthz`, `/readyz`.
+//! The worker's one port: Socket.IO under its path, plus `/metrics`, `/healthz`, `/readyz`,
+//! and the server API under `/api/` when it has a key.
 //! Every Engine.IO request passes the drain gate first.
 
 use std::convert::Infallible;
@@ -36,6 +37,8 @@ pub struct HttpCtx {
     pub allow_eio3: bool,
     /// Browsers on other origins (`socketio.cors`).
     pub cors: Cors,
+    /// The server API, when `api.key` is set.
+    pub api: Option<crate::api::Api>,
     /// Drain state at the edge.
     pub gate: Arc<DrainGate>,
     /// Open connections.
@@ -87,6 +90,11 @@ pub async fn handle(
             add_headers(&mut res, ctx.cors.headers(origin));
         }
         return Ok(res);
+    }
+    if path.starts_with("/api/")
+        && let Some(api) = &ctx.api
+    {
+        return Ok(api.handle(req).await);
     }
     Ok(match (req.method(), path) {
         (&Method::GET, "/metrics") => {

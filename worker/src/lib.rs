@@ -8,6 +8,7 @@
 //! - [`fleet`]: the [`App`] trait, the [`Fleet`] handle apps receive, and the Socket.IO types
 //!   apps name ([`Socket`], [`Ack`], [`Io`]).
 //! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
+//! - [`api`]: the server API under `/api/` (publish, rooms, disconnect, info).
 //! - [`auth`]: who may connect (`auth:`) and what each socket may do with rooms.
 //! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
 //!   [`handoff`]: connections the supervising balancer passes over.
@@ -15,6 +16,7 @@
 //! - [`health`]: readiness; [`metrics`]: the registry; [`probes`]: lag and memory probes.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod conn;
@@ -168,6 +170,12 @@ pub async fn run(
         sio_path: sio.path.trim_end_matches('/').to_owned(),
         allow_eio3: sio.allow_eio3,
         cors: shared::cors::Cors::new(&sio.cors),
+        api: api::Api::new(
+            &settings.api_key,
+            Fleet::new(&settings.id, io.clone(), metrics.clone()),
+            readiness.clone(),
+            metrics.clone(),
+        ),
         gate: Arc::clone(&gate),
         registry,
         readiness,

@@ -21,7 +21,8 @@ use worker::{RoomsApp, WorkerSettings};
 ///                                            a standalone worker (workers on other hosts);
 ///                                            the URL may come from FLEET_REDIS_URL instead
 ///
-/// One port serves Socket.IO (/socket.io/), /metrics, /healthz and /readyz. SIGTERM or SIGINT
+/// One port serves Socket.IO (/socket.io/), /metrics, /healthz and /readyz, and the server
+/// API under /api/ when a key is set (api.key, or FLEET_API_KEY for a standalone worker). SIGTERM or SIGINT
 /// drains: clients are moved off over the drain window, then the process exits 0; a second
 /// signal exits at once.
 #[derive(Debug, Parser)]
@@ -63,6 +64,9 @@ fn settings(args: Args) -> Result<WorkerSettings, String> {
                 .ok_or("--listen needs --redis URL, or the URL in FLEET_REDIS_URL")?;
             shared::config::validate_redis_url(&redis).map_err(|e| format!("--redis: {e}"))?;
             let mut s = WorkerSettings::standalone(id, listen, redis);
+            if !s.api_key.is_empty() && s.api_key.len() < 16 {
+                return Err("FLEET_API_KEY: must be at least 16 bytes".into());
+            }
             if let Some(secs) = args.drain_window_secs {
                 s.drain_window = std::time::Duration::from_secs(secs);
             }

@@ -26,6 +26,8 @@ pub struct WorkerSettings {
     pub auth: AuthConfig,
     /// What clients may do with rooms.
     pub rooms: RoomsConfig,
+    /// The server API's key (`api.key`); empty: no API on this worker.
+    pub api_key: String,
 }
 
 impl WorkerSettings {
@@ -53,6 +55,7 @@ impl WorkerSettings {
             drain_window: cfg.workers.drain_window(),
             auth: cfg.auth.clone(),
             rooms: cfg.rooms.clone(),
+            api_key: cfg.api.key.clone(),
         })
     }
 
@@ -71,6 +74,7 @@ impl WorkerSettings {
             drain_window: defaults.workers.drain_window(),
             auth: defaults.auth,
             rooms: defaults.rooms,
+            api_key: std::env::var("FLEET_API_KEY").unwrap_or_default(),
         }
     }
 }

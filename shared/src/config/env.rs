@@ -1,6 +1,6 @@
 //! Environment overrides of a few keys, for containers that mount one fleet file everywhere
 //! and for secrets kept out of it: `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL`,
-//! `FLEET_WORKERS_HOST`, `FLEET_STICKY_SECRET`, `FLEET_JWT_SECRET`.
+//! `FLEET_WORKERS_HOST`, `FLEET_STICKY_SECRET`, `FLEET_JWT_SECRET`, `FLEET_API_KEY`.
 
 use std::net::SocketAddr;
 
@@ -10,8 +10,8 @@ impl FleetConfig {
     /// Overrides from the environment, for containers that mount one fleet file everywhere:
     /// `FLEET_LISTEN`, `FLEET_METRICS_LISTEN`, `FLEET_REDIS_URL` and `FLEET_WORKERS_HOST`
     /// (e.g. `0.0.0.0`, so workers in a container are reachable from outside it); and the two
-    /// secrets, `FLEET_REDIS_URL` (it may carry a password), `FLEET_STICKY_SECRET` and
-    /// `FLEET_JWT_SECRET`, so they
+    /// secrets, `FLEET_REDIS_URL` (it may carry a password), `FLEET_STICKY_SECRET`,
+    /// `FLEET_JWT_SECRET` and `FLEET_API_KEY`, so they
     /// can come from a Kubernetes Secret instead of a ConfigMap.
     ///
     /// # Errors
@@ -55,6 +55,13 @@ impl FleetConfig {
                 return Err(bad("FLEET_JWT_SECRET", "must be at least 32 bytes".into()));
             }
             self.auth.jwt.hs256_secret = v;
+        }
+        if let Some(v) = var("FLEET_API_KEY") {
+            // The same rule as the key's (validate.rs).
+            if v.len() < 16 {
+                return Err(bad("FLEET_API_KEY", "must be at least 16 bytes".into()));
+            }
+            self.api.key = v;
         }
         Ok(())
     }

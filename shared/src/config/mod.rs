@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - this file: [`FleetConfig`], the whole file, with `load` / `from_yaml_str` and helpers.
-//! - `redis`, `workers`, `socketio`, `balancer`, `auth` (with `rooms`): one section each; the structs are the
+//! - `redis`, `workers`, `socketio`, `balancer`, `auth` (with `rooms`), `api`: one section each; the structs are the
 //!   reference of the keys, and each `impl Default` right below its struct lists the defaults.
 //! - [`IpNetwork`] (`ip_network`): the parsed form of `balancer.trusted_proxies` entries.
 //! - `validate`: the range and relation checks serde cannot make, one function per section.
@@ -11,6 +11,7 @@
 //! - `error`: [`ConfigError`], and serde_yaml's errors translated into it.
 //! - `location`: [`locate_key`], a dotted key's line from YAML parser events.
 
+mod api;
 mod auth;
 mod balancer;
 mod env;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use api::ApiConfig;
 pub use auth::{AuthConfig, AuthMode, JwtConfig, ProxyAuthConfig, RoomsConfig};
 pub use balancer::{BalancerConfig, Placement};
 pub use error::ConfigError;
@@ -58,6 +60,8 @@ pub struct FleetConfig {
     pub auth: AuthConfig,
     /// What clients may do with rooms.
     pub rooms: RoomsConfig,
+    /// The server API for the app's backend.
+    pub api: ApiConfig,
 }
 
 impl Default for FleetConfig {
@@ -71,6 +75,7 @@ impl Default for FleetConfig {
             balancer: BalancerConfig::default(),
             auth: AuthConfig::default(),
             rooms: RoomsConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -175,6 +180,17 @@ workers:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `deploy/fleet.yaml` is the reference of every key with its default: for the sections it
+    /// leaves at their defaults, what it writes must be what the code defaults to.
+    #[test]
+    fn the_example_file_states_the_real_defaults() {
+        let cfg = FleetConfig::from_yaml_str(include_str!("../../../deploy/fleet.yaml")).unwrap();
+        assert_eq!(cfg.socketio, SocketIoConfig::default());
+        assert_eq!(cfg.auth, AuthConfig::default());
+        assert_eq!(cfg.rooms, RoomsConfig::default());
+        assert_eq!(cfg.api, ApiConfig::default());
+    }
 
     #[test]
     fn contract_keys_parse() {

@@ -18,7 +18,17 @@ impl FleetConfig {
         balancer(&self.balancer)?;
         redis(&self.redis)?;
         socketio(&self.socketio)?;
-        auth(&self.auth)
+        auth(&self.auth)?;
+        if !self.api.listen.is_empty() && self.api.listen_addr().is_none() {
+            return Err((
+                "api.listen",
+                format!(
+                    "must be an address like 127.0.0.1:9300, got {:?}",
+                    self.api.listen
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The checks that need the secrets, which the environment may supply after the file was
@@ -32,6 +42,15 @@ impl FleetConfig {
                 "auth.mode",
                 "jwt needs exactly one key: auth.jwt.hs256_secret (or env FLEET_JWT_SECRET) or auth.jwt.public_key_file".into(),
             ));
+        }
+        if !self.api.listen.is_empty() && self.api.key.is_empty() {
+            return Err((
+                "api.listen",
+                "the API needs a key: api.key, or env FLEET_API_KEY".into(),
+            ));
+        }
+        if !self.api.key.is_empty() && self.api.key.len() < 16 {
+            return Err(("api.key", "must be at least 16 bytes".into()));
         }
         Ok(())
     }

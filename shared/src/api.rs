@@ -1,0 +1,130 @@
+//! The server API's common ground: how a caller is recognised, the endpoints and their metric
+//! labels, and the body limit. The balancer serves the API for the whole fleet by asking each
+//! worker's own `/api/` (same paths, same key) and adding up the answers.
+
+use subtle::ConstantTimeEq;
+
+/// The largest request body accepted; larger ones are answered 413.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// `POST /api/publish`: `{"room" | "rooms", "data"}`.
+pub const PUBLISH: &str = "/api/publish";
+/// `GET /api/rooms/<room>`: the room's members.
+pub const ROOMS_PREFIX: &str = "/api/rooms/";
+/// `POST /api/disconnect`: `{"user"}` or `{"sid"}`.
+pub const DISCONNECT: &str = "/api/disconnect";
+/// `GET /api/info`: workers, connections, Redis.
+pub const INFO: &str = "/api/info";
+
+/// One API endpoint: the `endpoint` label of `fleet_balancer_api_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /api/publish`.
+    Publish,
+    /// `GET /api/rooms/<room>`, with the room (percent-decoded).
+    Rooms(String),
+    /// `POST /api/disconnect`.
+    Disconnect,
+    /// `GET /api/info`.
+    Info,
+}
+
+impl Endpoint {
+    /// The endpoint a path names, if any; the method is checked by [`Endpoint::method`].
+    pub fn parse(path: &str) -> Option<Endpoint> {
+        match path {
+            PUBLISH => Some(Endpoint::Publish),
+            DISCONNECT => Some(Endpoint::Disconnect),
+            INFO => Some(Endpoint::Info),
+            _ => {
+                let room = path.strip_prefix(ROOMS_PREFIX)?;
+                let room = percent_decode(room)?;
+                (!room.is_empty()).then_some(Endpoint::Rooms(room))
+            }
+        }
+    }
+
+    /// The method it takes.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Endpoint::Publish | Endpoint::Disconnect => "POST",
+            Endpoint::Rooms(_) | Endpoint::Info => "GET",
+        }
+    }
+
+    /// The label value.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Publish => "publish",
+            Endpoint::Rooms(_) => "rooms",
+            Endpoint::Disconnect => "disconnect",
+            Endpoint::Info => "info",
+        }
+    }
+}
+
+/// The label of requests that name no endpoint.
+pub const OTHER_LABEL: &str = "other";
+
+/// Whether an `Authorization` header carries `Bearer <key>`; compared in constant time, so the
+/// answer's timing says nothing about how much of a guess was right. An empty key admits no one.
+pub fn authorized(authorization: Option<&[u8]>, key: &str) -> bool {
+    let Some(given) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    !key.is_empty() && bool::from(given.ct_eq(key.as_bytes()))
+}
+
+/// `%XX` escapes decoded; `None` when malformed or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_key_is_authorized() {
+        let key = "0123456789abcdef";
+        assert!(authorized(Some(b"Bearer 0123456789abcdef"), key));
+        for wrong in [
+            &b"Bearer 0123456789abcdeF"[..],
+            b"Bearer 0123456789abcde",
+            b"Bearer 0123456789abcdef0",
+            b"bearer 0123456789abcdef",
+            b"0123456789abcdef",
+            b"Bearer ",
+        ] {
+            assert!(!authorized(Some(wrong), key), "{wrong:?}");
+        }
+        assert!(!authorized(None, key));
+        assert!(!authorized(Some(b"Bearer "), ""));
+    }
+
+    #[test]
+    fn endpoints_by_path() {
+        assert_eq!(Endpoint::parse("/api/publish"), Some(Endpoint::Publish));
+        assert_eq!(
+            Endpoint::parse("/api/rooms/chat%3Ageneral"),
+            Some(Endpoint::Rooms("chat:general".into()))
+        );
+        assert_eq!(Endpoint::parse("/api/rooms/"), None);
+        assert_eq!(Endpoint::parse("/api/rooms/%zz"), None);
+        assert_eq!(Endpoint::parse("/api/other"), None);
+        assert_eq!(Endpoint::Info.method(), "GET");
+    }
+}
