@@ -2,6 +2,7 @@
 and attached to a second balancer), a worker's own /api/, and what bad callers get."""
 
 import collections
+import signal
 import time
 
 import requests
@@ -134,13 +135,50 @@ def test_attached_workers_and_a_workers_own_api(closer, tmp_path, redis):
     assert call("POST", b2.api + "/api/publish", {"room": "ops", "data": "via b2"}).json()["ok"]
     for s in socks:
         wait_until(lambda s=s: {"room": "ops", "data": "via b2"} in s.messages, 5, what="delivered")
-    # Straight to one worker: a publish still reaches the whole fleet; rooms is its own part.
+    # Straight to one worker: the same API for the whole fleet; ?scope=local for its own part.
     w0 = b1.worker_url(0)
     assert call("POST", w0 + "/api/publish", {"room": "ops", "data": "via w0"}).json()["ok"]
     for s in socks:
         wait_until(lambda s=s: {"room": "ops", "data": "via w0"} in s.messages, 5, what="delivered")
-    assert call("GET", w0 + "/api/rooms/ops").json()["count"] == 2
+    assert call("GET", w0 + "/api/rooms/ops").json()["count"] == 4
+    assert call("GET", w0 + "/api/rooms/ops?scope=local").json()["count"] == 2
     assert call("GET", w0 + "/api/info", key="wrong-key-0123456789").status_code == 401
+
+
+def test_standalone_workers_serve_the_fleet_wide_api_without_a_balancer(closer, redis):
+    """Workers on other hosts, with no balancer in front: any one of them answers for all,
+    asking the others over Redis."""
+    workers = [closer.add(Worker(redis.url, wid=f"host{i}", env={"FLEET_API_KEY": KEY})) for i in range(3)]
+    for w in workers:
+        w.wait_ready()
+    socks = []
+    for i in range(6):
+        s = closer.add(Sock(workers[i % 3].url))
+        assert s.connect(), s.error
+        assert s.call("join", "ops")["ok"]
+        socks.append(s)
+    for w in workers:
+        room = call("GET", w.url + "/api/rooms/ops").json()
+        assert room["count"] == 6 and "partial" not in room, room
+        assert {m["worker"] for m in room["members"]} == {"host0", "host1", "host2"}
+    info = call("GET", workers[1].url + "/api/info").json()
+    assert sorted(x["worker"] for x in info["workers"]) == ["host0", "host1", "host2"]
+    assert info["connections"] == 6 and info["redis_up"] is True
+    victim = socks[2]  # on host2, asked of host0
+    r = call("POST", workers[0].url + "/api/disconnect", {"sid": victim.sio.get_sid()}).json()
+    assert r == {"ok": True, "disconnected": 1}, r
+    wait_until(lambda: victim.disconnects, 5, what="disconnected from another worker")
+    # A worker that hangs (still subscribed, answering nothing): the answer comes within the
+    # wait, says it is partial, and counts what the others hold.
+    workers[2].signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        room = call("GET", workers[0].url + "/api/rooms/ops").json()
+        assert room["partial"] is True and room["count"] == 4, room
+        assert time.monotonic() - t0 < 4
+    finally:
+        workers[2].signal(signal.SIGCONT)
+    assert "partial" not in call("GET", workers[0].url + "/api/rooms/ops").json()
 
 
 def test_an_unreachable_worker_is_named_not_hidden(closer, tmp_path, redis):

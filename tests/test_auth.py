@@ -118,7 +118,8 @@ def test_jwt_hs256_admits_valid_tokens_and_refuses_every_forgery(closer, tmp_pat
     refused(closer, b.url, "invalid", auth={"token": token(sub="")})
     refused(closer, b.url, "invalid", auth={"token": "not.a.token"})
     refused(closer, b.url, "invalid", auth={"token": token() + "x"})  # signature altered
-    wait_until(lambda: auth_total(b, "ok") == 3 and auth_total(b, "invalid") == 6
+    refused(closer, b.url, "invalid", auth={"token": token(nbf=int(time.time()) + 600)})  # not yet valid
+    wait_until(lambda: auth_total(b, "ok") == 3 and auth_total(b, "invalid") == 7
                and auth_total(b, "missing") == 2 and auth_total(b, "expired") == 1, 5, what="auth counted")
     # A refusal says nothing of the token in the worker logs either.
     assert SECRET not in b.output()

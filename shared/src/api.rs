@@ -1,6 +1,6 @@
 //! The server API's common ground: how a caller is recognised, the endpoints and their metric
 //! labels, and the body limit. The balancer serves the API for the whole fleet by asking each
-//! worker's own `/api/` (same paths, same key) and adding up the answers.
+//! worker's own `/api/` for its part ([`SCOPE_LOCAL`]) and adding the answers up.
 
 use subtle::ConstantTimeEq;
 
@@ -15,6 +15,10 @@ pub const ROOMS_PREFIX: &str = "/api/rooms/";
 pub const DISCONNECT: &str = "/api/disconnect";
 /// `GET /api/info`: workers, connections, Redis.
 pub const INFO: &str = "/api/info";
+
+/// The query that asks a worker for its own part only (`/api/rooms/r?scope=local`): what the
+/// balancer sends each worker before adding the answers up.
+pub const SCOPE_LOCAL: &str = "scope=local";
 
 /// One API endpoint: the `endpoint` label of `fleet_balancer_api_requests_total`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -164,18 +164,24 @@ pub async fn run(
         Arc::clone(&registry),
         readiness.clone(),
     ));
+    let api = if settings.api_key.is_empty() {
+        None
+    } else {
+        let local = api::Local {
+            fleet: Fleet::new(&settings.id, io.clone(), metrics.clone()),
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+        };
+        let peers = api::Peers::start(link.clone(), &settings.redis.prefix, local.clone()).await;
+        Some(api::Api::new(&settings.api_key, local, peers))
+    };
     let ctx = Arc::new(http::HttpCtx {
         sio: svc,
         io: io.clone(),
         sio_path: sio.path.trim_end_matches('/').to_owned(),
         allow_eio3: sio.allow_eio3,
         cors: shared::cors::Cors::new(&sio.cors),
-        api: api::Api::new(
-            &settings.api_key,
-            Fleet::new(&settings.id, io.clone(), metrics.clone()),
-            readiness.clone(),
-            metrics.clone(),
-        ),
+        api,
         gate: Arc::clone(&gate),
         registry,
         readiness,

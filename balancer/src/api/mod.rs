@@ -1,7 +1,8 @@
 //! The server API for the app's backend, on `api.listen`: the same endpoints as a worker's own
 //! `/api/`, for the whole fleet. A publish is handed to one ready worker (its broadcast crosses
 //! Redis to the others, so each member gets it once); rooms, disconnect and info ask every
-//! worker and add the answers up. Works alike with workers spawned, attached, listed or
+//! worker for its own part over HTTP and add the answers up, so they hold during a Redis
+//! outage and name the workers that did not answer. Works alike with workers spawned, attached, listed or
 //! discovered: the balancer asks the addresses it routes to.
 
 mod workers_call;
@@ -76,11 +77,13 @@ impl Api {
             }
         };
         let path = session.req_header().uri.path().to_owned();
+        // Each worker is asked for its own part only; the sums are made here.
+        let local = format!("{path}?{}", api::SCOPE_LOCAL);
         let (status, value) = match endpoint {
             Endpoint::Publish => self.publish(&path, body).await,
-            Endpoint::Rooms(room) => self.rooms(&path, &room).await,
-            Endpoint::Disconnect => self.disconnect(&path, body).await,
-            Endpoint::Info => self.info(&path).await,
+            Endpoint::Rooms(room) => self.rooms(&local, &room).await,
+            Endpoint::Disconnect => self.disconnect(&local, body).await,
+            Endpoint::Info => self.info(&local).await,
         };
         (label, status, value)
     }

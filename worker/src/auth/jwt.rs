@@ -25,6 +25,7 @@ struct Claims {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    leeway: u64,
 }
 
 impl Verifier {
@@ -50,6 +51,7 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = cfg.leeway_secs;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if !cfg.issuer.is_empty() {
             validation.set_issuer(&[&cfg.issuer]);
@@ -59,7 +61,11 @@ impl Verifier {
         } else {
             validation.set_audience(&[&cfg.audience]);
         }
-        Ok(Verifier { key, validation })
+        Ok(Verifier {
+            key,
+            validation,
+            leeway: cfg.leeway_secs,
+        })
     }
 
     /// The grant a token carries.
@@ -81,7 +87,8 @@ impl Verifier {
             user: Some(claims.sub),
             rooms: claims.rooms,
             publish: claims.publish,
-            expires: Some(claims.exp),
+            // Admitted up to `leeway` past `exp`, so connected until then too.
+            expires: Some(claims.exp.saturating_add(self.leeway)),
         })
     }
 }
