@@ -125,6 +125,17 @@ def test_jwt_hs256_admits_valid_tokens_and_refuses_every_forgery(closer, tmp_pat
     assert SECRET not in b.output()
 
 
+def test_issuer_and_audience_are_checked_when_set(closer, tmp_path, redis):
+    auth = jwt_auth() + "    issuer: https://auth.example.com\n    audience: fleet\n"
+    b = start(closer, tmp_path, redis, auth, count=1)
+    good = {"iss": "https://auth.example.com", "aud": "fleet"}
+    s = closer.add(Sock(b.url, auth={"token": token(**good)}))
+    assert s.connect(), s.error
+    refused(closer, b.url, "invalid", auth={"token": token()})  # neither claim
+    refused(closer, b.url, "invalid", auth={"token": token(**{**good, "iss": "https://evil.example.com"})})
+    refused(closer, b.url, "invalid", auth={"token": token(**{**good, "aud": "other"})})
+
+
 def test_the_official_client_sees_the_reason(closer, tmp_path, redis):
     b = start(closer, tmp_path, redis, jwt_auth(), count=1)
     script = """

@@ -52,15 +52,19 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = cfg.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only checked when present.
+        let mut required = vec!["exp", "sub"];
         if !cfg.issuer.is_empty() {
             validation.set_issuer(&[&cfg.issuer]);
+            required.push("iss");
         }
         if cfg.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&[&cfg.audience]);
+            required.push("aud");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Verifier {
             key,
             validation,
