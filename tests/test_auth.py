@@ -218,6 +218,7 @@ def test_permissions_and_user_rooms_across_workers(closer, tmp_path, redis):
     assert a[0].call("join", "lobby") == {"ok": True, "room": "lobby"}
     assert a[0].call("join", "secret") == forbidden
     assert a[0].call("join", "user:bob") == forbidden  # nobody joins a user's room
+    assert a[0].call("leave", "user:alice") == forbidden  # nor leaves their own (kick by user)
     assert a[0].call("publish", {"room": "chat:random", "data": "x"}) == forbidden
     assert a[0].call("publish", {"room": "chat:general", "data": "hi"}) == {"ok": True}
     assert a[0].call("leave", "lobby") == {"ok": True, "room": "lobby"}
@@ -229,9 +230,13 @@ def test_permissions_and_user_rooms_across_workers(closer, tmp_path, redis):
     for s in a:
         assert s.messages.count({"room": "user:alice", "data": "for alice"}) == 1, s.messages
     assert bob.messages == []
+    # "*" is not a user's private channel: only a "user:" pattern reaches one.
+    anyone = closer.add(Sock(b.url, auth={"token": token("mallory", rooms=["*"], publish=["*"])}))
+    assert anyone.connect(), anyone.error
+    assert anyone.call("publish", {"room": "user:alice", "data": "spoof"}) == forbidden
     forbidden_total = sum(metric(b.worker_metrics(i), "fleet_worker_forbidden_total", action=act)
-                          for i in range(2) for act in ("join", "publish"))
-    assert forbidden_total == 3
+                          for i in range(2) for act in ("join", "publish", "leave"))
+    assert forbidden_total == 5
 
 
 def test_tokens_expire_into_a_disconnect(closer, tmp_path, redis):
@@ -271,6 +276,8 @@ class _Backend:
                     self.answer(401, {"message": "who are you"})
                 elif tok == "nope":
                     self.answer(403, {"message": "not you"})
+                elif tok == "old":
+                    self.answer(200, {"user": "old", "exp": int(time.time()) - 5})
                 elif tok == "slow":
                     time.sleep(3)
                     self.answer(200, {"user": "late"})
@@ -301,14 +308,18 @@ def test_connect_proxy_admits_refuses_and_never_admits_when_it_cannot_ask(closer
     auth = (f"auth:\n  mode: proxy\n  proxy:\n    url: http://127.0.0.1:{backend.port}/fleet/auth\n"
             "    timeout_ms: 1000\n")
     b = start(closer, tmp_path, redis, auth)
-    s = closer.add(Sock(b.url, auth={"token": "good-frank"}, headers={"X-App": "demo"}))
+    s = closer.add(Sock(b.url, auth={"token": "good-frank"}, headers={"X-App": "demo",
+                                                                      "X-Fleet-Client-IP": "6.6.6.6"}))
     assert s.connect(), s.error
     assert s.call("whoami")["user"] == "frank"
     assert s.call("join", "team:red") == {"ok": True, "room": "team:red"}
     assert s.call("join", "other") == {"ok": False, "error": "forbidden"}
     q = backend.asked[-1]
     assert q["auth"] == {"token": "good-frank"} and q["transport"] in ("polling", "websocket")
-    assert q["headers"].get("x-app") == "demo" and q["address"] == "127.0.0.1"
+    # The address is the balancer's judgement, whatever the client claims.
+    assert q["headers"].get("x-app") == "demo" and q["address"] == "127.0.0.1", q
+
+    refused(closer, b.url, "expired", auth={"token": "old"})  # the backend's exp already past
 
     refused(closer, b.url, "invalid", auth={"token": "bad"})
     refused(closer, b.url, "forbidden", auth={"token": "nope"})
@@ -334,3 +345,21 @@ def test_loadtest_sends_a_token_and_keeps_it_out_of_its_report(closer, tmp_path,
     code, r, out = run_loadtest(b.url, tmp_path, *small, "--connect-timeout", 3)
     assert code != 0 and r["connected"] == 0, out
     assert any("protocol" in k for k in r["errors"]), r["errors"]
+
+
+def test_a_standalone_worker_takes_auth_from_the_fleet_file(closer, tmp_path, redis):
+    """Workers on other hosts run with --listen --id --config: the fleet file's auth applies to
+    them as to spawned ones (without --config a standalone worker would let anyone in)."""
+    from fleet_harness import BIN_DIR, Proc
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(f"redis:\n  url: {redis.url}\n" + jwt_auth())
+    port = free_port()
+    closer.add(Proc("worker-standalone-auth", [str(BIN_DIR / "worker"), "--listen", f"127.0.0.1:{port}",
+                                               "--id", "far-1", "--config", str(cfg)]))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: __import__("requests").get(url + "/readyz", timeout=2).status_code == 200, 15,
+               what="standalone worker ready")
+    refused(closer, url, "missing")
+    s = closer.add(Sock(url, auth={"token": token("gina")}))
+    assert s.connect(), s.error
+    assert s.call("whoami") == {"worker": "far-1", "sid": s.sio.get_sid(), "user": "gina"}

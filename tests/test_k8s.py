@@ -346,11 +346,19 @@ def test_redis_worker_and_balancer_run_as_their_manifests_say(closer, tmp_path, 
     closer.add(Proc("redis-k8s", r["command"] + [script], env=container_env(base, r, "fleet-redis-0", redis_port)))
     wait_until(lambda: port_open(redis_port), 10, what="redis from its manifest")
 
-    # A worker, its Redis URL (with the password) from the environment only.
-    w = base[("Deployment", "fleet-worker")]["spec"]["template"]["spec"]["containers"][0]
-    env = container_env(base, w, "fleet-worker-7d9f-abcde", redis_port)
+    # A worker, its Redis URL (with the password) from the environment only, the rest from the
+    # ConfigMap's fleet file (mounted at /etc/fleet, as the balancer's).
     worker_port = free_port()
-    args = [expand(a, env).replace("0.0.0.0:9001", f"127.0.0.1:{worker_port}") for a in w["args"]]
+    port, admin = free_port(), free_port()
+    text = (base[("ConfigMap", "fleet-balancer")]["data"]["fleet.yaml"]
+            .replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("0.0.0.0:9100", f"127.0.0.1:{admin}")
+            .replace("fleet-workers:9001", f"localhost:{worker_port}"))
+    (tmp_path / "fleet.yaml").write_text(text)
+    w = base[("Deployment", "fleet-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "config", "mountPath": "/etc/fleet", "readOnly": True} in w["volumeMounts"]
+    env = container_env(base, w, "fleet-worker-7d9f-abcde", redis_port)
+    args = [expand(a, env).replace("0.0.0.0:9001", f"127.0.0.1:{worker_port}")
+            .replace("/etc/fleet/fleet.yaml", str(tmp_path / "fleet.yaml")) for a in w["args"]]
     worker = closer.add(Proc("worker-k8s", [str(BIN_DIR / w["command"][0])] + args, env=env))
     wait_until(lambda: requests.get(f"http://127.0.0.1:{worker_port}/readyz", timeout=2).status_code == 200, 15,
                what="worker from its manifest ready (it reached the password-protected Redis)")
@@ -360,11 +368,6 @@ def test_redis_worker_and_balancer_run_as_their_manifests_say(closer, tmp_path, 
 
     # A balancer with the ConfigMap's fleet file and the Secret's sticky secret.
     b = base[("Deployment", "fleet-balancer")]["spec"]["template"]["spec"]["containers"][0]
-    port, admin = free_port(), free_port()
-    text = (base[("ConfigMap", "fleet-balancer")]["data"]["fleet.yaml"]
-            .replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("0.0.0.0:9100", f"127.0.0.1:{admin}")
-            .replace("fleet-workers:9001", f"localhost:{worker_port}"))
-    (tmp_path / "fleet.yaml").write_text(text)
     args = [a.replace("/etc/fleet/fleet.yaml", str(tmp_path / "fleet.yaml")) for a in b["args"]]
     closer.add(Proc("bal-k8s", [str(BIN_DIR / b["command"][0])] + args, env=container_env(base, b, "fleet-balancer-0", 0)))
     wait_until(lambda: requests.get(f"http://127.0.0.1:{admin}/readyz", timeout=2).status_code == 200, 20,

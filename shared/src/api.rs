@@ -4,6 +4,10 @@
 
 use subtle::ConstantTimeEq;
 
+/// The most members a rooms answer lists (its `count` is exact; `"members_truncated": true`
+/// says some were left out). Keeps one answer, and a worker's answer over Redis, bounded.
+pub const MAX_MEMBERS: usize = 10_000;
+
 /// The largest request body accepted; larger ones are answered 413.
 pub const MAX_BODY: usize = 1024 * 1024;
 
@@ -77,6 +81,28 @@ pub fn authorized(authorization: Option<&[u8]>, key: &str) -> bool {
         return false;
     };
     !key.is_empty() && bool::from(given.ct_eq(key.as_bytes()))
+}
+
+/// One rooms answer from several workers' (`{"count", "members"}` each): the counts added,
+/// the members listed up to [`MAX_MEMBERS`].
+pub fn merge_rooms<'a>(
+    room: &str,
+    answers: impl IntoIterator<Item = &'a serde_json::Value>,
+) -> serde_json::Value {
+    let mut count = 0;
+    let mut members = Vec::new();
+    for answer in answers {
+        count += answer["count"].as_u64().unwrap_or(0);
+        if let Some(listed) = answer["members"].as_array() {
+            let room_left = MAX_MEMBERS.saturating_sub(members.len());
+            members.extend(listed.iter().take(room_left).cloned());
+        }
+    }
+    let mut out = serde_json::json!({ "room": room, "count": count, "members": members });
+    if (members.len() as u64) < count {
+        out["members_truncated"] = serde_json::json!(true);
+    }
+    out
 }
 
 /// `%XX` escapes decoded; `None` when malformed or not UTF-8.

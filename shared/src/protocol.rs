@@ -14,3 +14,8 @@ pub const EV_PUBLISH: &str = "publish";
 pub const EV_MESSAGE: &str = "message";
 /// The longest room name accepted, in bytes.
 pub const MAX_ROOM_BYTES: usize = 256;
+
+/// Header the balancer puts on every request it sends a worker (replacing any the client
+/// sent): the client's address as the balancer judged it (`balancer.trusted_proxies` applied).
+/// Workers pass it to an auth backend as `address`.
+pub const CLIENT_IP_HEADER: &str = "x-fleet-client-ip";

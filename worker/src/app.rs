@@ -36,13 +36,9 @@ impl App for RoomsApp {
         on_room(&socket, fleet, EV_JOIN, Grant::may_join, |s, room| {
             s.join(room)
         });
-        on_room(
-            &socket,
-            fleet,
-            EV_LEAVE,
-            |_, _| true,
-            |s, room| s.leave(room),
-        );
+        on_room(&socket, fleet, EV_LEAVE, Grant::may_leave, |s, room| {
+            s.leave(room)
+        });
         let f = fleet.clone();
         socket.on(
             EV_PUBLISH,

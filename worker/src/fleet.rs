@@ -102,12 +102,52 @@ impl Fleet {
     }
 }
 
-/// An application: registers its event handlers on each new socket.
+/// An application: the namespaces it serves, and its event handlers on each new socket.
 ///
-/// Any `Fn(Socket, &Fleet)` closure is an `App`.
+/// Any `Fn(Socket, &Fleet)` closure is an `App` serving the namespace `/`; [`Namespaces`]
+/// gives each namespace a handler of its own.
+///
+/// ```
+/// use worker::{App, Fleet, Socket};
+///
+/// struct Echo;
+///
+/// impl App for Echo {
+///     fn on_connect(&self, socket: Socket, _fleet: &Fleet) {
+///         socket.on("echo", async |socketioxide::extract::Data::<String>(text), ack: worker::Ack| {
+///             let _ = ack.send(&text);
+///         });
+///     }
+/// }
+/// assert_eq!(Echo.namespaces(), ["/"]);
+/// ```
 pub trait App: Send + Sync + 'static {
-    /// Called once per connected socket, before any of its events are handled.
+    /// The namespaces served (`/chat`, `/admin`), each connected through the fleet's own
+    /// authentication, then [`App::admit`], then [`App::on_connect`]. Default: `/` alone.
+    fn namespaces(&self) -> Vec<String> {
+        vec!["/".to_owned()]
+    }
+
+    /// The app's own connect check, after the fleet's authentication (the socket's
+    /// [`Grant`](crate::auth::Grant) is set): `Err(message)` refuses the socket, which the
+    /// client sees as `connect_error` with that message. Default: everyone admitted.
+    ///
+    /// # Errors
+    /// Why the socket may not connect to this namespace.
+    fn admit(&self, socket: &Socket, fleet: &Fleet) -> Result<(), String> {
+        let _ = (socket, fleet);
+        Ok(())
+    }
+
+    /// Called once per connected socket (its namespace is `socket.ns()`), before any of its
+    /// events are handled: register the handlers here.
     fn on_connect(&self, socket: Socket, fleet: &Fleet);
+
+    /// A directory of pages the worker serves for paths nothing else answers (`/` is
+    /// `index.html`); through the balancer, list them in `balancer.forward_paths`. Default none.
+    fn static_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 impl<F> App for F
@@ -116,6 +156,102 @@ where
 {
     fn on_connect(&self, socket: Socket, fleet: &Fleet) {
         self(socket, fleet)
+    }
+}
+
+type Handler = Box<dyn Fn(Socket, &Fleet) + Send + Sync>;
+type Admission = Box<dyn Fn(&Socket, &Fleet) -> Result<(), String> + Send + Sync>;
+
+/// An app of several namespaces, each with its handler and, optionally, its own admission.
+///
+/// ```
+/// use worker::{App, Fleet, Namespaces, Socket};
+///
+/// let app = Namespaces::new()
+///     .on("/", |socket: Socket, _: &Fleet| { let _ = socket.join("lobby"); })
+///     .on("/admin", |_socket: Socket, _: &Fleet| {})
+///     .admit("/admin", |socket: &Socket, _: &Fleet| match Fleet::grant(socket).claims["admin"] {
+///         serde_json::Value::Bool(true) => Ok(()),
+///         _ => Err("admins only".into()),
+///     });
+/// assert_eq!(app.namespaces(), ["/", "/admin"]);
+/// ```
+#[derive(Default)]
+pub struct Namespaces {
+    handlers: Vec<(String, Handler, Option<Admission>)>,
+    pages: Option<std::path::PathBuf>,
+}
+
+impl Namespaces {
+    /// No namespace yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `path` with `handler` (replacing an earlier one for the same path).
+    #[must_use]
+    pub fn on(
+        mut self,
+        path: &str,
+        handler: impl Fn(Socket, &Fleet) + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers.retain(|(p, ..)| p != path);
+        self.handlers
+            .push((path.to_owned(), Box::new(handler), None));
+        self
+    }
+
+    /// Adds a connect check to the namespace `path` (served with [`Namespaces::on`]).
+    ///
+    /// # Panics
+    /// `path` has no handler yet: a programming error, caught at start.
+    #[must_use]
+    pub fn admit(
+        mut self,
+        path: &str,
+        check: impl Fn(&Socket, &Fleet) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        let entry = self
+            .handlers
+            .iter_mut()
+            .find(|(p, ..)| p == path)
+            .unwrap_or_else(|| panic!("Namespaces::admit({path:?}) before Namespaces::on"));
+        entry.2 = Some(Box::new(check));
+        self
+    }
+
+    /// Serves the files of `dir` as pages (see [`App::static_dir`]).
+    #[must_use]
+    pub fn pages(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.pages = Some(dir.into());
+        self
+    }
+
+    fn find(&self, path: &str) -> Option<&(String, Handler, Option<Admission>)> {
+        self.handlers.iter().find(|(p, ..)| p == path)
+    }
+}
+
+impl App for Namespaces {
+    fn namespaces(&self) -> Vec<String> {
+        self.handlers.iter().map(|(p, ..)| p.clone()).collect()
+    }
+
+    fn admit(&self, socket: &Socket, fleet: &Fleet) -> Result<(), String> {
+        match self.find(socket.ns()) {
+            Some((_, _, Some(check))) => check(socket, fleet),
+            _ => Ok(()),
+        }
+    }
+
+    fn on_connect(&self, socket: Socket, fleet: &Fleet) {
+        if let Some((_, handler, _)) = self.find(socket.ns()) {
+            handler(socket, fleet);
+        }
+    }
+
+    fn static_dir(&self) -> Option<std::path::PathBuf> {
+        self.pages.clone()
     }
 }
 

@@ -39,6 +39,8 @@ pub struct HttpCtx {
     pub cors: Cors,
     /// The server API, when `api.key` is set.
     pub api: Option<crate::api::Api>,
+    /// The app's pages ([`crate::App::static_dir`]).
+    pub pages: Option<std::path::PathBuf>,
     /// Drain state at the edge.
     pub gate: Arc<DrainGate>,
     /// Open connections.
@@ -104,6 +106,9 @@ pub async fn handle(
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => readyz(ctx.readiness.check(), count_connections(&ctx)),
+        (&Method::GET, _) if ctx.pages.is_some() => {
+            crate::pages::serve(ctx.pages.as_deref().expect("checked"), path).await
+        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }

@@ -2,6 +2,7 @@
 //! with health, metrics and graceful drain. Applications plug in their handlers as an [`App`].
 //!
 //! # Layout
+//! - [`main`] ([`cli`]): the whole program of a worker binary, given an app.
 //! - [`run`] (here): wires the parts below and serves until the stop future resolves.
 //! - [`settings`]: what one worker needs, from the fleet YAML or from flags.
 //! - [`drivers`]: the reconnecting Redis pub/sub driver (`RedisLink`).
@@ -12,13 +13,14 @@
 //! - [`auth`]: who may connect (`auth:`) and what each socket may do with rooms.
 //! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
 //!   [`handoff`]: connections the supervising balancer passes over.
-//! - [`http`]: routing of the single port; [`drain`]: moving clients away on SIGTERM.
+//! - [`http`]: routing of the single port; [`pages`]: an app's own files; [`drain`]: moving clients away on SIGTERM.
 //! - [`health`]: readiness; [`metrics`]: the registry; [`probes`]: lag and memory probes.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod conn;
 pub mod drain;
 pub mod drivers;
@@ -27,6 +29,7 @@ pub mod handoff;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod pages;
 pub mod probes;
 pub mod server;
 pub mod settings;
@@ -43,9 +46,10 @@ use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr
 use tokio::net::{TcpListener, UnixDatagram};
 
 pub use app::RoomsApp;
+pub use cli::main;
 pub use drain::DrainReport;
 pub use drivers::RedisLink;
-pub use fleet::{Ack, App, Fleet, Io, Socket};
+pub use fleet::{Ack, App, Fleet, Io, Namespaces, Socket};
 pub use settings::WorkerSettings;
 
 /// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`]. An
@@ -123,10 +127,17 @@ pub async fn run(
     }
     let registry = Arc::new(conn::ConnRegistry::default());
     let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone());
+    let namespaces = app.namespaces();
+    let pages = app.static_dir();
+    if namespaces.is_empty() || namespaces.iter().any(|p| !p.starts_with('/')) {
+        return Err(StartError::Namespace(format!(
+            "an app serves namespaces like \"/\" or \"/chat\", got {namespaces:?}"
+        )));
+    }
     let app = Arc::new(app);
     let ns_registry = Arc::clone(&registry);
     let ns_metrics = metrics.clone();
-    let ns_io = io.clone();
+    let expiry = auth::Expiry::default();
     // Registering the namespace subscribes its channels (or queues them while Redis is down);
     // the link starts after, so "up" always means "every channel subscribed".
     // The app's handlers are registered in a connect middleware, not the connect handler:
@@ -141,22 +152,31 @@ pub async fn run(
         let outcome = admission.admit(&socket, payload.ok().as_ref()).await;
         let result = outcome.as_ref().map_or_else(|o| *o, |_| auth::Outcome::Ok);
         ns_metrics.auth.with_label_values(&[result.as_str()]).inc();
-        let grant = outcome.map_err(auth::Refused)?;
+        let grant = outcome.map_err(auth::Refused::auth)?;
         if let Some(user) = &grant.user {
             socket.join(auth::user_room(user));
         }
-        if let Some(exp) = grant.expires {
-            auth::disconnect_at(ns_io.clone(), socket.id, exp);
-        }
         socket.extensions.insert(grant);
+        app.admit(&socket, &fleet).map_err(auth::Refused::app)?;
         bind_websocket_handshake(&ns_registry, &socket);
         app.on_connect(socket, &fleet);
         Ok(())
     };
-    let connected = async |_: Socket| {};
-    io.ns("/", ConnectHandler::with(connected, setup))
+    // In its namespace now: the expiry schedule may look it up from here on.
+    let ns_expiry = expiry.clone();
+    let connected = async move |socket: Socket| {
+        if let Some(exp) = Fleet::grant(&socket).expires {
+            ns_expiry.add(&socket, exp);
+        }
+    };
+    for path in namespaces {
+        io.ns(
+            path.clone(),
+            ConnectHandler::with(connected.clone(), setup.clone()),
+        )
         .await
-        .map_err(|e| StartError::Namespace(e.to_string()))?;
+        .map_err(|e| StartError::Namespace(format!("{path}: {e}")))?;
+    }
 
     let (trigger, shutdown) = shutdown::channel();
     let readiness = health::Readiness::new(link.state());
@@ -182,12 +202,14 @@ pub async fn run(
         allow_eio3: sio.allow_eio3,
         cors: shared::cors::Cors::new(&sio.cors),
         api,
+        pages,
         gate: Arc::clone(&gate),
         registry,
         readiness,
         metrics: metrics.clone(),
     });
     tokio::spawn(link.clone().run(shutdown.clone()));
+    tokio::spawn(expiry.run(io.clone(), shutdown.clone()));
     tokio::spawn(probes::event_loop_lag(metrics.clone(), shutdown.clone()));
     tokio::spawn(probes::pubsub_lag(
         link.clone(),

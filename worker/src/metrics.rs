@@ -118,7 +118,11 @@ impl WorkerMetrics {
         for outcome in crate::auth::Outcome::ALL {
             m.auth.with_label_values(&[outcome.as_str()]);
         }
-        for action in [shared::protocol::EV_JOIN, shared::protocol::EV_PUBLISH] {
+        for action in [
+            shared::protocol::EV_JOIN,
+            shared::protocol::EV_LEAVE,
+            shared::protocol::EV_PUBLISH,
+        ] {
             m.forbidden.with_label_values(&[action]);
         }
         m

@@ -77,6 +77,7 @@ fn serve_one(
     handed: Option<(Vec<u8>, CloseReport)>,
     permit: OwnedSemaphorePermit,
 ) {
+    let peer = stream.peer_addr().ok().map(crate::auth::PeerAddr);
     let (conn_id, io) = ctx.registry.wrap(stream, Some(permit));
     let io = match handed {
         Some((head, closed)) => io.handed_over(head, closed),
@@ -84,7 +85,12 @@ fn serve_one(
     };
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
-        let svc = service_fn(move |req| handle(Arc::clone(&ctx), conn_id, req));
+        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(peer);
+            }
+            handle(Arc::clone(&ctx), conn_id, req)
+        });
         let conn = http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)

@@ -59,6 +59,30 @@ impl WorkerSettings {
         })
     }
 
+    /// A standalone worker at `listen` named `id`, every other setting from a fleet file (its
+    /// auth, rooms, socketio, api, drain window and connection cap), Redis at `redis_url`.
+    pub fn standalone_from(
+        cfg: &FleetConfig,
+        id: String,
+        listen: SocketAddr,
+        redis_url: String,
+    ) -> Self {
+        WorkerSettings {
+            id,
+            listen,
+            redis: RedisConfig {
+                url: redis_url,
+                ..cfg.redis.clone()
+            },
+            socketio: cfg.socketio.clone(),
+            max_connections: cfg.workers.max_connections as usize,
+            drain_window: cfg.workers.drain_window(),
+            auth: cfg.auth.clone(),
+            rooms: cfg.rooms.clone(),
+            api_key: cfg.api.key.clone(),
+        }
+    }
+
     /// A standalone worker: everything but these from the defaults.
     pub fn standalone(id: String, listen: SocketAddr, redis_url: String) -> Self {
         let defaults = FleetConfig::default();

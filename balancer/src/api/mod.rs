@@ -88,20 +88,29 @@ impl Api {
         (label, status, value)
     }
 
-    /// Handed to the first ready worker that answers; its answer is the API's.
+    /// Handed to a ready worker; its answer is the API's. Another worker is tried only when
+    /// one could not be reached at all: a worker that took the request and did not answer may
+    /// have broadcast it, and a second try would deliver it twice.
     async fn publish(&self, path: &str, body: Bytes) -> (StatusCode, Value) {
         let snapshot = self.workers.snapshot();
         let mut order: Vec<&Arc<Worker>> = snapshot.workers().iter().collect();
         order.sort_by_key(|w| !w.is_up()); // ready ones first
         for worker in order {
             match self.call(worker, Method::POST, path, body.clone()).await {
-                Ok((status, value)) if !status.is_server_error() => return (status, value),
-                _ => continue,
+                Ok(answer) => return answer,
+                Err(workers_call::CallError::Unreached) => continue,
+                Err(workers_call::CallError::NoAnswer(why)) => {
+                    let why = format!(
+                        "worker {} took the publish but did not answer ({why}): it may have been delivered",
+                        worker.label()
+                    );
+                    return (StatusCode::BAD_GATEWAY, error(&why));
+                }
             }
         }
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            error("no worker could publish"),
+            error("no worker could be reached"),
         )
     }
 
@@ -110,11 +119,7 @@ impl Api {
         if let Some(refusal) = first_refusal(&answers) {
             return refusal;
         }
-        let members: Vec<Value> = answers
-            .iter()
-            .flat_map(|(_, v)| v["members"].as_array().cloned().unwrap_or_default())
-            .collect();
-        let mut out = json!({ "room": room, "count": members.len(), "members": members });
+        let mut out = api::merge_rooms(room, answers.iter().map(|(_, v)| v));
         partial(&mut out, unreachable);
         (StatusCode::OK, out)
     }
@@ -216,11 +221,12 @@ impl Api {
         method: Method,
         path: &str,
         body: Bytes,
-    ) -> Result<(StatusCode, Value), String> {
+    ) -> Result<(StatusCode, Value), workers_call::CallError> {
         let (status, body) =
             workers_call::call(worker.addr(), method, path, &self.key, body, WORKER_TIMEOUT)
                 .await?;
-        let value = serde_json::from_slice(&body).map_err(|e| format!("answer: {e}"))?;
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| workers_call::CallError::NoAnswer(format!("unreadable answer: {e}")))?;
         Ok((status, value))
     }
 }

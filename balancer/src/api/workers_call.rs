@@ -13,10 +13,19 @@ use tokio::net::TcpStream;
 /// The largest answer read from a worker (a room's member list can be long).
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
+/// Why a call got no answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// The worker could not be reached: it never saw the request.
+    Unreached,
+    /// The request was sent, the answer did not come: it may have been carried out.
+    NoAnswer(String),
+}
+
 /// Calls `method path` on the worker at `addr` with the API key; its status and body.
 ///
 /// # Errors
-/// No answer within `limit`, or a broken connection: said in words.
+/// See [`CallError`].
 pub async fn call(
     addr: SocketAddr,
     method: Method,
@@ -24,22 +33,24 @@ pub async fn call(
     key: &str,
     body: Bytes,
     limit: Duration,
-) -> Result<(StatusCode, Bytes), String> {
-    tokio::time::timeout(limit, ask(addr, method, path, key, body))
+) -> Result<(StatusCode, Bytes), CallError> {
+    let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| CallError::Unreached)?
+        .map_err(|_| CallError::Unreached)?;
+    tokio::time::timeout(limit, ask(stream, method, path, key, body))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+        .map_err(CallError::NoAnswer)
 }
 
 async fn ask(
-    addr: SocketAddr,
+    stream: TcpStream,
     method: Method,
     path: &str,
     key: &str,
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;

@@ -188,11 +188,19 @@ impl FleetProxy {
         Ok(true)
     }
 
-    /// X-Forwarded-For (see [`routing::forwarded_for`]) and X-Forwarded-Proto.
+    /// X-Forwarded-For (see [`routing::forwarded_for`]), X-Forwarded-Proto, and the client's
+    /// address as judged here ([`shared::protocol::CLIENT_IP_HEADER`], never the client's own).
     fn add_forwarded(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+        req.remove_header(shared::protocol::CLIENT_IP_HEADER);
         let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) else {
             return Ok(());
         };
+        let xff_in = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client = routing::client_ip(peer.ip(), xff_in, &self.trusted);
+        req.insert_header(shared::protocol::CLIENT_IP_HEADER, client.to_string())?;
         let peer = peer.ip();
         let previous = req
             .headers
@@ -404,6 +412,7 @@ impl ProxyHttp for FleetProxy {
                 ctx.key = routing::placement_key(&request);
                 self.count_placement(&route);
             }
+            routing::Session::Page => {}
         }
         ctx.tag_answer = route.tag_answer();
         let carry = route.carry;

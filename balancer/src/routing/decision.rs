@@ -55,6 +55,8 @@ pub enum Session {
     },
     /// A handshake: no sid yet. The session is placed on the route's worker.
     New,
+    /// Not Engine.IO: a path of `balancer.forward_paths`, sent to any ready worker.
+    Page,
 }
 
 /// How a routed request reaches its worker.
@@ -76,6 +78,8 @@ pub enum Transport {
     Polling,
     /// WebSocket.
     WebSocket,
+    /// A plain HTTP request of `balancer.forward_paths` (an app's pages).
+    Http,
 }
 
 impl Transport {
@@ -84,6 +88,7 @@ impl Transport {
         match self {
             Transport::Polling => "polling",
             Transport::WebSocket => "websocket",
+            Transport::Http => "http",
         }
     }
 

@@ -40,7 +40,12 @@ pub struct Router {
     max_header_bytes: usize,
     handoff: bool,
     cors: Cors,
+    forward_paths: Vec<String>,
 }
+
+/// A worker's own endpoints (and everything under `/api/`): never forwarded, whatever
+/// `forward_paths` says.
+const PRIVATE_PATHS: [&str; 4] = ["/metrics", "/healthz", "/readyz", "/api"];
 
 impl Router {
     /// The rules for `cfg`: its Engine.IO path and head limit; WebSockets are handed off when
@@ -51,6 +56,7 @@ impl Router {
             max_header_bytes: cfg.balancer.max_header_bytes,
             handoff: cfg.spawns_workers() && cfg.workers.handoff,
             cors: Cors::new(&cfg.socketio.cors),
+            forward_paths: cfg.balancer.forward_paths.clone(),
         }
     }
 
@@ -68,13 +74,37 @@ impl Router {
         }
     }
 
+    /// A path outside the Engine.IO path: an app's page when `forward_paths` covers it (to any
+    /// ready worker, as a new session would be placed), else not ours (404). A worker's own
+    /// endpoints stay private.
+    fn page(&self, req: &Request<'_>, fleet: &Snapshot) -> Result<Route, Refusal> {
+        let private = PRIVATE_PATHS.contains(&req.path) || req.path.starts_with("/api/");
+        let forwarded = self
+            .forward_paths
+            .iter()
+            .any(|p| req.path.starts_with(p.as_str()));
+        if private || !forwarded || req.upgrade {
+            return Err(Refusal::plain(Class::NotFound));
+        }
+        let placed = fleet
+            .place(&placement_key(req), req.nonce, &[])
+            .ok_or(Refusal::plain(Class::NoWorker))?;
+        Ok(Route {
+            worker: placed.worker.clone(),
+            transport: Transport::Http,
+            session: Session::Page,
+            carry: Carry::Proxy,
+            panic: placed.panic,
+        })
+    }
+
     /// `Ok(None)`: a preflight, answered by the balancer.
     fn try_route(&self, req: &Request<'_>, fleet: &Snapshot) -> Result<Option<Route>, Refusal> {
         if req.head_bytes > self.max_header_bytes {
             return Err(Refusal::plain(Class::HeaderTooLarge));
         }
         if !query::under_path(req.path, &self.path) {
-            return Err(Refusal::plain(Class::NotFound));
+            return self.page(req, fleet).map(Some);
         }
         if req.preflight {
             return Ok(None);

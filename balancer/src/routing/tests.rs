@@ -412,3 +412,41 @@ fn listed_origins_gate_handshakes_and_upgrades_only() {
         assert_eq!(refusal(&router.route(&req, &fleet)), None);
     }
 }
+
+#[test]
+fn forwarded_paths_reach_a_ready_worker_and_private_ones_never_do() {
+    let fleet = fleet(false);
+    let mut cfg = FleetConfig::default();
+    cfg.balancer.forward_paths = vec!["/".into()];
+    let forwarding = Router::new(&cfg);
+    for path in ["/", "/index.html", "/static/app.js", "/metricsx"] {
+        let r = route(forwarding.route(&request(path, None, false), &fleet));
+        assert_eq!(
+            (r.session.clone(), r.transport),
+            (Session::Page, Transport::Http),
+            "{path}"
+        );
+        assert!(r.worker.is_up() && r.tag_answer().is_none());
+    }
+    let not_found = Some(Refusal::plain(Class::NotFound));
+    for path in [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/api/info",
+        "/api",
+        "/api/publish",
+    ] {
+        let got = forwarding.route(&request(path, None, false), &fleet);
+        assert_eq!(refusal(&got), not_found, "{path}");
+    }
+    // Not an upgrade, and nothing without the setting.
+    assert_eq!(
+        refusal(&forwarding.route(&request("/ws", None, true), &fleet)),
+        not_found
+    );
+    assert_eq!(
+        refusal(&router(true).route(&request("/", None, false), &fleet)),
+        not_found
+    );
+}

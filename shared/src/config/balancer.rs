@@ -39,6 +39,10 @@ pub struct BalancerConfig {
     /// Request heads larger than this are answered 431, in bytes. Default 16384; 1024 to
     /// 1048576.
     pub max_header_bytes: usize,
+    /// Path prefixes outside the Engine.IO path forwarded to a ready worker, for an app that
+    /// serves its own pages (`["/"]`: everything). Default none: such paths are answered 404.
+    /// A worker's own `/metrics`, `/healthz`, `/readyz` and `/api/` are never forwarded.
+    pub forward_paths: Vec<String>,
 }
 
 impl Default for BalancerConfig {
@@ -55,6 +59,7 @@ impl Default for BalancerConfig {
             header_timeout_secs: 10,
             reuse_port: false,
             max_header_bytes: 16 * 1024,
+            forward_paths: Vec::new(),
         }
     }
 }

@@ -142,6 +142,12 @@ fn balancer(b: &BalancerConfig) -> Result<(), Refusal> {
     if !(1..=600).contains(&b.header_timeout_secs) {
         return Err(("balancer.header_timeout_secs", "must be 1 to 600".into()));
     }
+    if let Some(bad) = b.forward_paths.iter().find(|p| !p.starts_with('/')) {
+        return Err((
+            "balancer.forward_paths",
+            format!("each must be a path prefix starting with /, got {bad:?}"),
+        ));
+    }
     // pingora itself refuses heads over 1 MiB.
     if !(1024..=1024 * 1024).contains(&b.max_header_bytes) {
         return Err((

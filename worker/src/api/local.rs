@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use socketioxide::socket::Sid;
 
-use crate::auth::user_room;
 use crate::fleet::Fleet;
 use crate::health::{Readiness, Status};
 use crate::metrics::WorkerMetrics;
@@ -36,16 +35,25 @@ pub struct Local {
 }
 
 impl Local {
+    /// This worker's sockets in every namespace.
+    fn all_sockets(&self) -> Vec<crate::Socket> {
+        self.fleet
+            .io()
+            .nsps()
+            .into_iter()
+            .flat_map(|ns| ns.local().sockets())
+            .collect()
+    }
+
     /// This worker's answer: `{"members": [...]}`, `{"disconnected": n}` or `{"worker", ...}`.
     pub fn answer(&self, question: &Question) -> Value {
         let io = self.fleet.io();
         match question {
             Question::Room(room) => {
-                let members: Vec<Value> = io
-                    .local()
-                    .within(room.clone())
-                    .sockets()
+                let sockets = io.local().within(room.clone()).sockets();
+                let members: Vec<Value> = sockets
                     .iter()
+                    .take(shared::api::MAX_MEMBERS)
                     .map(|s| {
                         json!({
                             "sid": s.id.to_string(),
@@ -54,14 +62,22 @@ impl Local {
                         })
                     })
                     .collect();
-                json!({ "members": members })
+                json!({ "count": sockets.len(), "members": members })
             }
             Question::DisconnectUser(user) => {
-                let sockets = io.local().within(user_room(user)).sockets();
-                json!({ "disconnected": sockets.into_iter().filter(|s| s.clone().disconnect().is_ok()).count() })
+                // By each socket's grant, in every namespace: not by room membership, which
+                // an app's code could have changed.
+                let sockets = self
+                    .all_sockets()
+                    .into_iter()
+                    .filter(|s| Fleet::grant(s).user.as_deref() == Some(user.as_str()));
+                json!({ "disconnected": sockets.filter(|s| s.clone().disconnect().is_ok()).count() })
             }
             Question::DisconnectSid(sid) => {
-                let socket = sid.parse::<Sid>().ok().and_then(|sid| io.get_socket(sid));
+                let socket = sid
+                    .parse::<Sid>()
+                    .ok()
+                    .and_then(|sid| io.nsps().into_iter().find_map(|ns| ns.get_socket(sid)));
                 json!({ "disconnected": socket.into_iter().filter(|s| s.clone().disconnect().is_ok()).count() })
             }
             Question::Info => json!({

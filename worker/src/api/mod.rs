@@ -106,6 +106,9 @@ impl Api {
         if let Some(extra) = req.keys().next() {
             return Err(format!("unknown field {extra:?}"));
         }
+        let mut rooms: Vec<String> = rooms;
+        rooms.sort();
+        rooms.dedup(); // a room named twice is published once
         let mut dropped = 0;
         for room in rooms {
             let message = json!({ "room": room, "data": data });
@@ -132,11 +135,7 @@ impl Api {
 
     async fn room(&self, room: String, only_here: bool) -> Value {
         let (answers, complete) = self.gather(Question::Room(room.clone()), only_here).await;
-        let members: Vec<Value> = answers
-            .iter()
-            .flat_map(|a| a["members"].as_array().cloned().unwrap_or_default())
-            .collect();
-        let mut out = json!({ "room": room, "count": members.len(), "members": members });
+        let mut out = api::merge_rooms(&room, &answers);
         mark_partial(&mut out, complete);
         out
     }

@@ -111,17 +111,22 @@ impl Peers {
 
     /// The other workers' answers to `question`, and whether every one answered.
     pub async fn ask(&self, question: Question) -> (Vec<Value>, bool) {
-        let others = match self.link.num_serv(&self.query_channel).await {
-            Ok(n) => usize::from(n).saturating_sub(1),
-            Err(_) => return (Vec::new(), false),
+        // Asked of Redis itself, not through the adapter's count (which says "alone" when it
+        // cannot tell): an unknown count is an incomplete answer.
+        let Some(others) = self.others().await else {
+            return (Vec::new(), false);
         };
         if others == 0 {
-            // Alone, or Redis is away (the link then says 1): complete only if Redis is up.
-            return (Vec::new(), self.link.connection().is_some());
+            return (Vec::new(), true);
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel(others);
         self.pending.lock().unwrap().insert(id, tx);
+        // Removed however this ends, the caller's future dropped included.
+        let _pending = Pending {
+            map: &self.pending,
+            id,
+        };
         let query = Query {
             id,
             from: self.worker_id.clone(),
@@ -137,8 +142,29 @@ impl Peers {
                 _ => break,
             }
         }
-        self.pending.lock().unwrap().remove(&id);
         let complete = answers.len() == others;
         (answers, complete)
+    }
+
+    /// The other workers listening for questions, or `None` when Redis cannot say.
+    async fn others(&self) -> Option<usize> {
+        let mut conn = self.link.connection()?;
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("NUMSUB").arg(&self.query_channel);
+        let count = tokio::time::timeout(WAIT, numsub.query_async::<(String, usize)>(&mut conn));
+        let (_, n) = count.await.ok()?.ok()?;
+        Some(n.saturating_sub(1))
+    }
+}
+
+/// An entry of the pending answers, removed when dropped.
+struct Pending<'a> {
+    map: &'a Mutex<HashMap<u64, mpsc::Sender<Value>>>,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.map.lock().unwrap().remove(&self.id);
     }
 }

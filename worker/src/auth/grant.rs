@@ -49,6 +49,9 @@ pub struct Grant {
     pub publish: Rooms,
     /// When its credentials expire (Unix seconds); it is disconnected then.
     pub expires: Option<u64>,
+    /// Everything the credentials said: the token's claims (`jwt`), the backend's answer
+    /// (`proxy`), `null` without authentication. For an app's own rules (`claims["admin"]`).
+    pub claims: serde_json::Value,
 }
 
 impl Grant {
@@ -59,6 +62,7 @@ impl Grant {
             rooms: Rooms::any(),
             publish: Rooms::any(),
             expires: None,
+            claims: serde_json::Value::Null,
         }
     }
 
@@ -68,9 +72,24 @@ impl Grant {
         !room.starts_with(USER_ROOM_PREFIX) && self.rooms.allows(room)
     }
 
-    /// Whether it may publish to `room`.
+    /// Whether it may leave `room`: any but a `user:` room, which is how the server reaches
+    /// (and disconnects) every socket of a user.
+    pub fn may_leave(&self, room: &str) -> bool {
+        !room.starts_with(USER_ROOM_PREFIX)
+    }
+
+    /// Whether it may publish to `room`. A `user:` room is a user's private channel: only a
+    /// pattern that names `user:` itself (`"user:*"`, `"user:bob"`) reaches one, never `"*"`.
     pub fn may_publish(&self, room: &str) -> bool {
-        self.publish.allows(room)
+        if room.starts_with(USER_ROOM_PREFIX) {
+            self.publish
+                .0
+                .iter()
+                .filter(|p| p.starts_with(USER_ROOM_PREFIX))
+                .any(|p| Rooms(vec![p.clone()]).allows(room))
+        } else {
+            self.publish.allows(room)
+        }
     }
 }
 
@@ -89,9 +108,22 @@ mod tests {
     }
 
     #[test]
-    fn user_rooms_are_never_joined_by_clients() {
+    fn user_rooms_are_the_servers() {
         let g = Grant::anonymous();
-        assert!(g.may_join("lobby") && g.may_publish("user:bob"));
+        assert!(g.may_join("lobby") && g.may_leave("lobby") && g.may_publish("lobby"));
         assert!(!g.may_join("user:bob") && !g.may_join(&user_room("alice")));
+        assert!(!g.may_leave("user:alice"));
+        // "*" is not a user's private channel; only a user: pattern reaches one.
+        assert!(!g.may_publish("user:bob"));
+        let support = Grant {
+            publish: ["user:*"].into_iter().collect(),
+            ..Grant::anonymous()
+        };
+        assert!(support.may_publish("user:bob") && !support.may_publish("lobby"));
+        let one = Grant {
+            publish: ["user:bob", "u*"].into_iter().collect(),
+            ..Grant::anonymous()
+        };
+        assert!(one.may_publish("user:bob") && !one.may_publish("user:eve"));
     }
 }

@@ -78,12 +78,13 @@ impl Verifier {
     /// [`Outcome::Expired`] past `exp` (plus leeway); [`Outcome::Invalid`] for anything else
     /// wrong: signature, algorithm, issuer, audience, a missing or empty `sub`.
     pub fn verify(&self, token: &str) -> Result<Grant, Outcome> {
-        let claims = decode::<Claims>(token, &self.key, &self.validation)
+        let raw = decode::<serde_json::Value>(token, &self.key, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => Outcome::Expired,
                 _ => Outcome::Invalid,
             })?
             .claims;
+        let claims = Claims::deserialize(&raw).map_err(|_| Outcome::Invalid)?;
         if claims.sub.is_empty() {
             return Err(Outcome::Invalid);
         }
@@ -93,6 +94,7 @@ impl Verifier {
             publish: claims.publish,
             // Admitted up to `leeway` past `exp`, so connected until then too.
             expires: Some(claims.exp.saturating_add(self.leeway)),
+            claims: raw,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Who may connect (`auth:`), and what each socket may do (`rooms:`): checked once per
 //! connection, in the namespace's connect middleware, never per message.
 //!
+//! - [`expiry`]: sockets disconnected when their credentials expire.
 //! - [`grant`]: a socket's permissions and room patterns; `user:<id>` rooms.
 //! - [`jwt`]: `mode: jwt`, one key, one algorithm.
 //! - [`proxy`]: `mode: proxy`, the app's backend asked over HTTP.
@@ -8,20 +9,20 @@
 //! A refused client gets a CONNECT error `{"message": "unauthorized", "data": {"reason"}}`
 //! and nothing else about its credentials.
 
+pub mod expiry;
 pub mod grant;
 pub mod jwt;
 pub mod proxy;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use shared::config::{AuthConfig, AuthMode, RoomsConfig};
 use socketioxide::TransportType;
-use socketioxide::socket::Sid;
 
-use crate::fleet::{Io, Socket};
+use crate::fleet::Socket;
+pub use expiry::Expiry;
 pub use grant::{Grant, Rooms, user_room};
 
 /// How an authentication ended: the `result` label of `fleet_worker_auth_total`, and the
@@ -69,15 +70,40 @@ impl Outcome {
 /// A refused connection, as the connect middleware's error: its `Display` is the CONNECT
 /// error payload (sent as is: see vendor/socketioxide-parser-common/FLEET-PATCH.md).
 #[derive(Debug)]
-pub struct Refused(pub Outcome);
+pub struct Refused(Refusal);
+
+#[derive(Debug)]
+enum Refusal {
+    /// By the fleet's authentication: `unauthorized`, with the reason.
+    Auth(Outcome),
+    /// By the app's own check: its message.
+    App(String),
+}
+
+impl Refused {
+    /// Refused by authentication.
+    pub fn auth(outcome: Outcome) -> Self {
+        Refused(Refusal::Auth(outcome))
+    }
+
+    /// Refused by the app ([`crate::App::admit`]), with its message.
+    pub fn app(message: String) -> Self {
+        Refused(Refusal::App(message))
+    }
+}
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            r#"{{"message":"unauthorized","data":{{"reason":"{}"}}}}"#,
-            self.0.as_str()
-        )
+        match &self.0 {
+            Refusal::Auth(o) => write!(
+                f,
+                r#"{{"message":"unauthorized","data":{{"reason":"{}"}}}}"#,
+                o.as_str()
+            ),
+            Refusal::App(message) => {
+                write!(f, "{}", serde_json::json!({ "message": message }))
+            }
+        }
     }
 }
 
@@ -148,6 +174,13 @@ impl Gate {
         if !self.client_publish {
             grant.publish = Rooms::default();
         }
+        // Credentials already past their end (a backend's `exp` in the past) are not admitted.
+        if grant
+            .expires
+            .is_some_and(|exp| exp <= shared::unix_micros() / 1_000_000)
+        {
+            return Err(Outcome::Expired);
+        }
         Ok(grant)
     }
 }
@@ -167,46 +200,26 @@ fn token(payload: Option<&Value>, parts: &http::request::Parts) -> Option<String
     (scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty()).then(|| t.trim().to_owned())
 }
 
-/// The client's address: the last `X-Forwarded-For` hop (the balancer appends the client it
-/// saw), else the TCP peer.
+/// The client's address: as the balancer judged it ([`shared::protocol::CLIENT_IP_HEADER`]),
+/// else the TCP peer (a client straight on the worker).
 fn address(parts: &http::request::Parts) -> String {
-    let forwarded = parts
+    if let Some(ip) = parts
         .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .rev()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.rsplit(',').map(str::trim).find(|hop| !hop.is_empty()));
-    match forwarded {
-        Some(hop) => hop.to_owned(),
-        None => parts
-            .extensions
-            .get::<PeerAddr>()
-            .map(|p| p.0.ip().to_string())
-            .unwrap_or_default(),
+        .get(shared::protocol::CLIENT_IP_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        return ip.to_owned();
     }
+    parts
+        .extensions
+        .get::<PeerAddr>()
+        .map(|p| p.0.ip().to_string())
+        .unwrap_or_default()
 }
 
 /// The TCP peer of a request's connection (a request extension).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// Disconnects socket `sid` when its credentials expire at `exp` (Unix seconds). The task holds
-/// the server handle and the id, not the socket: a socket gone sooner costs nothing but the
-/// timer.
-pub fn disconnect_at(io: Io, sid: Sid, exp: u64) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let wait = Duration::from_secs(exp).saturating_sub(now);
-    tokio::spawn(async move {
-        tokio::time::sleep(wait).await;
-        if let Some(socket) = io.get_socket(sid) {
-            tracing::debug!(%sid, "credentials expired: disconnecting");
-            let _ = socket.disconnect();
-        }
-    });
-}
 
 #[cfg(test)]
 mod tests {
@@ -215,13 +228,16 @@ mod tests {
     #[test]
     fn refusals_say_the_reason_and_nothing_else() {
         assert_eq!(
-            Refused(Outcome::Expired).to_string(),
+            Refused::auth(Outcome::Expired).to_string(),
             r#"{"message":"unauthorized","data":{"reason":"expired"}}"#
         );
         for o in Outcome::ALL {
-            let v: Value = serde_json::from_str(&Refused(o).to_string()).unwrap();
+            let v: Value = serde_json::from_str(&Refused::auth(o).to_string()).unwrap();
             assert_eq!(v["data"]["reason"], o.as_str());
         }
+        let v: Value =
+            serde_json::from_str(&Refused::app("admins \"only\"".into()).to_string()).unwrap();
+        assert_eq!(v, serde_json::json!({"message": "admins \"only\""}));
     }
 
     #[test]

@@ -92,10 +92,12 @@ impl Backend {
             })?;
         match answer {
             (StatusCode::OK, body) => {
-                let admitted: Admitted = serde_json::from_slice(&body).map_err(|e| {
+                let unreadable = |e: serde_json::Error| {
                     tracing::warn!(backend = %self.authority, "auth backend: unreadable 200 answer: {e}");
                     Outcome::Unavailable
-                })?;
+                };
+                let raw: Value = serde_json::from_slice(&body).map_err(unreadable)?;
+                let admitted = Admitted::deserialize(&raw).map_err(unreadable)?;
                 if admitted.user.is_empty() {
                     return Err(Outcome::Unavailable);
                 }
@@ -104,6 +106,7 @@ impl Backend {
                     rooms: admitted.rooms,
                     publish: admitted.publish,
                     expires: admitted.exp,
+                    claims: raw,
                 })
             }
             (StatusCode::UNAUTHORIZED, _) => Err(Outcome::Invalid),
