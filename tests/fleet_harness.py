@@ -183,7 +183,8 @@ class Worker(Proc):
 class Balancer(Proc):
     """`balancer --config FILE` with a fleet file written for this test."""
 
-    def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal", port=None):
+    def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal", port=None,
+                 env=None):
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.base_port = base_port or free_port_range(count)
@@ -196,7 +197,7 @@ class Balancer(Proc):
             f"workers:\n  count: {count}\n  host: 127.0.0.1\n  base_port: {self.base_port}\n"
             f"  spawn: {'true' if spawn else 'false'}\n  drain_window_secs: 2\n" + extra
         )
-        super().__init__(name, [str(BIN_DIR / "balancer"), "--config", str(self.config)])
+        super().__init__(name, [str(BIN_DIR / "balancer"), "--config", str(self.config)], env=env)
 
     @property
     def url(self):

@@ -10,9 +10,9 @@ use serde::Serialize;
 use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::{BroadcastError, SocketIo};
 
-use crate::FleetAdapter;
 use crate::auth::Grant;
 use crate::metrics::WorkerMetrics;
+use crate::{FleetAdapter, RedisLink};
 
 /// A connected client's socket, as an app's handlers receive it (the `SocketRef` extractor of
 /// this fleet's Socket.IO server). Apps write their handlers against this type.
@@ -30,15 +30,30 @@ pub struct Fleet {
     worker_id: Arc<str>,
     io: Io,
     metrics: WorkerMetrics,
+    link: RedisLink,
 }
 
 impl Fleet {
-    pub(crate) fn new(worker_id: &str, io: Io, metrics: WorkerMetrics) -> Self {
+    pub(crate) fn new(worker_id: &str, io: Io, metrics: WorkerMetrics, link: RedisLink) -> Self {
         Fleet {
             worker_id: worker_id.into(),
             io,
             metrics,
+            link,
         }
+    }
+
+    /// A connection to the fleet's Redis for the app's own state (history, counters, locks),
+    /// shared with the fleet's pub/sub and cheap to clone; `None` while Redis is unreachable.
+    /// The app's keys should not start with the fleet's `redis.prefix`.
+    pub fn redis(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.link.connection()
+    }
+
+    /// The room of every socket of `user` (authenticated with `auth:`), on every worker:
+    /// `fleet.io().to(Fleet::user_room("alice")).emit(...)` reaches all of them.
+    pub fn user_room(user: &str) -> String {
+        crate::auth::user_room(user)
     }
 
     /// This worker's id (`w0`, or `--id` when standalone).

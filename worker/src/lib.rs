@@ -50,7 +50,11 @@ pub use cli::main;
 pub use drain::DrainReport;
 pub use drivers::RedisLink;
 pub use fleet::{Ack, App, Fleet, Io, Namespaces, Socket};
+/// The Redis client the fleet uses, for an app's own state ([`Fleet::redis`]).
+pub use redis;
 pub use settings::WorkerSettings;
+/// The Socket.IO server the fleet runs: extractors (`Data`, `TryData`), operators, errors.
+pub use socketioxide;
 
 /// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`]. An
 /// implementation detail: apps name [`Socket`], [`Ack`] and [`Io`] instead.
@@ -126,7 +130,7 @@ pub async fn run(
         tracing::warn!("auth.mode none: anyone may connect, join and publish any room");
     }
     let registry = Arc::new(conn::ConnRegistry::default());
-    let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone());
+    let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone(), link.clone());
     let namespaces = app.namespaces();
     let pages = app.static_dir();
     if namespaces.is_empty() || namespaces.iter().any(|p| !p.starts_with('/')) {
@@ -188,7 +192,7 @@ pub async fn run(
         None
     } else {
         let local = api::Local {
-            fleet: Fleet::new(&settings.id, io.clone(), metrics.clone()),
+            fleet: Fleet::new(&settings.id, io.clone(), metrics.clone(), link.clone()),
             readiness: readiness.clone(),
             metrics: metrics.clone(),
         };
