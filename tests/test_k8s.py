@@ -20,8 +20,8 @@ from fleet_harness import BIN_DIR, Client, Proc, free_port, port_open, wait_unti
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 KUBECTL = shutil.which("kubectl")
-VARIANTS = ["", "ingress", "prometheus-operator"]  # directories under deploy/k8s
-KINDS_WITH_SCHEMAS = ["", "ingress"]  # prometheus-operator holds CRD objects only
+VARIANTS = ["", "ingress", "prometheus-operator", "chat"]  # directories under deploy/k8s
+KINDS_WITH_SCHEMAS = ["", "ingress", "chat"]  # prometheus-operator holds CRD objects only
 SCHEMA_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest and newest the pinned kubernetes-validate knows
 
 try:
@@ -42,15 +42,16 @@ def render_py(directory):
     for r in k.get("resources", []):
         path = (directory / r).resolve()
         objects += render_py(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    # Patches before images, as kustomize orders its transformers.
+    for patch in k.get("patches", []):
+        p = yaml.safe_load((directory / patch["path"]).read_text())
+        target = next(o for o in objects if key(o) == key(p))
+        _merge(target, p)
     for image in k.get("images", []):
         for c in (c for o in objects for c in containers(o)):
             name, _, tag = c["image"].partition(":")
             if name == image["name"]:
                 c["image"] = f'{image.get("newName", name)}:{image.get("newTag", tag or "latest")}'
-    for patch in k.get("patches", []):
-        p = yaml.safe_load((directory / patch["path"]).read_text())
-        target = next(o for o in objects if key(o) == key(p))
-        _merge(target, p)
     return objects
 
 
@@ -376,3 +377,14 @@ def test_redis_worker_and_balancer_run_as_their_manifests_say(closer, tmp_path, 
     wait_until(lambda: port_open(port), 10, what="balancer listening")
     c = closer.add(Client(f"http://127.0.0.1:{port}", ["polling", "websocket"])).connect()
     assert c.call("whoami")["worker"] == "fleet-worker-7d9f-abcde"
+
+
+def test_chat_variant_runs_the_app_as_the_workers(base):
+    chat = by_key(render("chat"))
+    worker = chat[("Deployment", "fleet-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert worker["command"] == ["chat"] and worker["image"] == "fleet-chat:0.1.0"
+    assert worker["args"] == base[("Deployment", "fleet-worker")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    env = {e["name"] for e in worker["env"]}
+    assert {"CHAT_STATIC_DIR", "CHAT_ADMIN_KEY", "FLEET_REDIS_URL"} <= env
+    cfg = yaml.safe_load(chat[("ConfigMap", "fleet-balancer")]["data"]["fleet.yaml"])
+    assert cfg["balancer"]["forward_paths"] == ["/"]

@@ -190,6 +190,7 @@ mod tests {
         assert_eq!(cfg.auth, AuthConfig::default());
         assert_eq!(cfg.rooms, RoomsConfig::default());
         assert_eq!(cfg.api, ApiConfig::default());
+        assert_eq!(cfg.balancer.forward_paths, Vec::<String>::new());
     }
 
     #[test]
