@@ -7,13 +7,15 @@
 2. the balancer tax: the same scenario through the balancer and straight to the workers;
 3. `auth.mode: jwt` against `none`: CPU per delivery at the fixed load, and connections per
    second and server CPU per connection in a burst of connects;
+3b. the example chat app (apps/chat) as the workers against the default app: CPU per delivery;
 4. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
    requests/s when flooded, and the latency it adds at a fixed load;
 5. (--capacity) how many clients the fleet holds: through one balancer process, and through
    several sharing the public port (SO_REUSEPORT).
 
 Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
-       [--capacity | --only-capacity | --only-polling | --only-fixed | --only-auth] [--json FILE]
+       [--capacity | --only-capacity | --only-polling | --only-fixed | --only-auth | --only-app]
+       [--json FILE]
 Servers and clients all run on 127.0.0.1; "server" CPU and memory include Redis.
 """
 
@@ -119,7 +121,8 @@ class Fleet:
     With `handoff` (the default) the spawning balancer passes WebSockets to its workers; the
     extra balancers, which spawn nothing, always relay."""
 
-    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml=""):
+    def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml="",
+                 command=None):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -131,6 +134,7 @@ class Fleet:
                 f"redis:\n  url: {redis.url}\n"
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
                 f"  handoff: {'true' if handoff else 'false'}\n"
+                + (f"  command: [{command}]\n" if command else "") +
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
                 f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n" + extra_yaml)
             self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
@@ -366,6 +370,30 @@ def auth(args, results):
     results["auth"] = out
 
 
+def own_app(args, results):
+    """The example chat app (apps/chat) as the workers against the default app, the same fixed
+    load in alternating rounds, medians: what an app of its own costs per delivery. (Each chat
+    line is also pushed to its room's history in Redis: one more Redis command per publish.)"""
+    print("== own app: chat vs rooms", file=sys.stderr)
+    runs = {app: [] for app in ("rooms", "chat")}
+    for _ in range(args.app_rounds):
+        for app, runs_of in runs.items():
+            redis = Redis()
+            fleet = Fleet(redis, args.workers, command=BIN / "chat" if app == "chat" else None)
+            pids = lambda: fleet.pids() + redis.pids()  # noqa: E731
+            try:
+                runs_of.append(measured_run(pids, fleet.url, scenario(args.rate, args.duration) + ["--app", app],
+                                            f"app-{app}", balancer_pids=fleet.balancer_pids))
+            finally:
+                fleet.stop()
+                redis.stop()
+    out = {}
+    for app, rs in runs.items():
+        med = lambda k: round(statistics.median(r[k] for r in rs), 2)  # noqa: E731
+        out[app] = {"runs": rs, "median": {k: med(k) for k in ("cpu_us_per_delivery", "p50_ms", "p99_ms")}}
+    results["own_app"] = out
+
+
 def connect_phase(server_pids, url, clients, token, name):
     """Connects `clients` as fast as they come (no rate limit) and publishes once: the time and
     server CPU from the generator's start to its "ready" line."""
@@ -522,6 +550,11 @@ def table(results):
                      f"{n['cpu_us_per_delivery']} us; p50/p99 {j['p50_ms']}/{j['p99_ms']} vs {n['p50_ms']}/{n['p99_ms']} ms; "
                      f"connects/s {j['connects_per_sec']} vs {n['connects_per_sec']}; server CPU per connect "
                      f"{j['cpu_us_per_connect']} vs {n['cpu_us_per_connect']} us")
+    o = results.get("own_app")
+    if o:
+        r, c = o["rooms"]["median"], o["chat"]["median"]
+        lines.append(f"own app (apps/chat) vs default (medians): CPU per delivery {c['cpu_us_per_delivery']} vs "
+                     f"{r['cpu_us_per_delivery']} us; p50/p99 {c['p50_ms']}/{c['p99_ms']} vs {r['p50_ms']}/{r['p99_ms']} ms")
     for label, c in results.get("capacity", {}).items():
         lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
                      f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
@@ -536,6 +569,7 @@ def main():
     ap.add_argument("--only-capacity", action="store_true")
     ap.add_argument("--only-polling", action="store_true", help="only the long-polling section")
     ap.add_argument("--only-auth", action="store_true", help="only auth.mode jwt against none")
+    ap.add_argument("--only-app", action="store_true", help="only the example chat app against the default app")
     ap.add_argument("--only-fixed", action="store_true",
                     help="only the fixed-load comparison (fleet vs node); the other figures are kept")
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
@@ -547,15 +581,17 @@ def main():
     args.cap_one, args.cap_many = 9_500, 40_000
     args.polling_rate, args.polling_duration, args.polling_rounds = 5, 10, 3
     args.auth_rounds, args.auth_clients = 3, 3000
+    args.app_rounds = 3
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
         args.cap_one, args.cap_many = 500, 1500
         args.polling_duration, args.polling_rounds = 3, 1
         args.auth_rounds, args.auth_clients = 1, 300
+        args.app_rounds = 1
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
-    partial = args.only_capacity or args.only_polling or args.only_fixed or args.only_auth
+    partial = args.only_capacity or args.only_polling or args.only_fixed or args.only_auth or args.only_app
     if partial and Path(args.json).exists():  # one section re-run: the others are kept
         results = {**json.loads(Path(args.json).read_text()), **results}
     if not partial or args.only_fixed:
@@ -564,7 +600,9 @@ def main():
         balancer_tax(args, results)
     if not partial or args.only_auth:
         auth(args, results)
-    if not (args.only_capacity or args.only_fixed or args.only_auth):
+    if not partial or args.only_app:
+        own_app(args, results)
+    if not (args.only_capacity or args.only_fixed or args.only_auth or args.only_app):
         polling(args, results)
     if args.capacity or args.only_capacity:
         capacity(args, results)

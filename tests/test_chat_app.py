@@ -197,3 +197,17 @@ def test_the_page_in_a_browser_through_the_balancer(closer, tmp_path, redis):
     assert result["line"]["nick"] == "browser" and result["line"]["text"] == "hello from chromium"
     assert sorted(m["nick"] for m in result["members"]["members"]) == ["browser", "listener"]
     wait_until(lambda: any(l["text"] == "hello from chromium" for l in listener.lines), 5, what="heard")
+
+
+def test_the_load_generator_speaks_the_chat(closer, tmp_path, redis):
+    """`loadtest --app chat`: the same exactly-once accounting over the chat's events (`say`
+    and `line`), so the app can be load-tested and its cost compared with the default app's."""
+    from test_loadtest import run_loadtest
+    b = start(closer, tmp_path, redis)
+    for transport in ("websocket", "polling"):
+        code, r, out = run_loadtest(b.url, tmp_path, "-c", 60, "--rooms", 6, "--publishers", 6, "--rate", 20,
+                                    "--messages", 20, "-d", 3, "--settle", 1, "--app", "chat",
+                                    "--transport", transport)
+        assert code == 0, out
+        assert r["deliveries"] == {"expected": 1200, "delivered": 1200, "duplicate": 0, "missing": 0}, out
+        assert r["published"] == r["acked"] == 120 and r["errors"] == {}, out

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 
 use crate::protocol::{self, Packet, Sio};
-use crate::scenario::{Scenario, Target};
+use crate::scenario::{AppProtocol, Scenario, Target};
 use crate::stats::{Seen, Stats};
 use crate::transport::{Conn, ConnError};
 
@@ -157,12 +157,13 @@ async fn connect(
                     shared
                         .stats
                         .connect_latency(started.elapsed().as_micros() as u64);
-                    conn.send(&greeting(room)).await?;
+                    conn.send(&greeting(shared.scenario.app, room)).await?;
                 }
                 Packet::Message(Sio::Ack {
                     id: WHOAMI_ACK,
                     args,
                 }) => {
+                    // The chat's `nick` answers no worker id: its clients count under "?".
                     worker = Some(
                         args.first()
                             .and_then(|a| a["worker"].as_str())
@@ -187,10 +188,15 @@ async fn connect(
     Ok((conn, worker.unwrap_or_default()))
 }
 
-/// What a client sends once connected: `whoami` and `join` its room, each with its ack id.
-fn greeting(room: &str) -> [String; 2] {
+/// What a client sends once connected: `whoami` (the chat: `nick`) and `join` its room, each
+/// with its ack id.
+fn greeting(app: AppProtocol, room: &str) -> [String; 2] {
+    let hello = match app {
+        AppProtocol::Rooms => protocol::bare_event(Some(WHOAMI_ACK), EV_WHOAMI),
+        AppProtocol::Chat => protocol::event(Some(WHOAMI_ACK), "nick", &json!("load")),
+    };
     [
-        protocol::bare_event(Some(WHOAMI_ACK), EV_WHOAMI),
+        hello,
         protocol::event(Some(JOIN_ACK), EV_JOIN, &json!(room)),
     ]
 }
@@ -263,7 +269,15 @@ impl Member {
         match p {
             Packet::Ping(x) => conn.send(&[format!("3{x}")]).await?,
             Packet::Message(Sio::Event { name, args, .. }) if name == EV_MESSAGE => {
-                self.delivered(shared, args.first());
+                self.delivered(shared, args.first().map(|m| &m["data"]));
+            }
+            Packet::Message(Sio::Event { name, args, .. }) if name == "line" => {
+                // The chat's line carries the payload as its text.
+                let data = args
+                    .first()
+                    .and_then(|l| l["text"].as_str())
+                    .and_then(|t| serde_json::from_str::<Value>(t).ok());
+                self.delivered(shared, data.as_ref());
             }
             Packet::Message(Sio::Ack { id, args }) if id >= FIRST_PUBLISH_ACK => {
                 self.inflight = self.inflight.saturating_sub(1);
@@ -281,8 +295,8 @@ impl Member {
         Ok(())
     }
 
-    fn delivered(&mut self, shared: &Shared, msg: Option<&Value>) {
-        let Some(data) = msg.map(|m| &m["data"]) else {
+    fn delivered(&mut self, shared: &Shared, data: Option<&Value>) {
+        let Some(data) = data else {
             shared.stats.error("bad_message");
             return;
         };
@@ -305,15 +319,18 @@ impl Member {
     async fn publish(&mut self, shared: &Shared, conn: &mut Conn) -> Result<(), ConnError> {
         let id = self.next_ack;
         self.next_ack += 1;
-        let arg = json!({
-            "room": self.room,
-            "data": {"p": self.index, "s": self.seq, "t": unix_micros(), "x": self.padding},
-        });
+        let data = json!({"p": self.index, "s": self.seq, "t": unix_micros(), "x": self.padding});
+        let (event, arg) = match shared.scenario.app {
+            AppProtocol::Rooms => (EV_PUBLISH, json!({ "room": self.room, "data": data })),
+            AppProtocol::Chat => (
+                "say",
+                json!({ "room": self.room, "text": data.to_string() }),
+            ),
+        };
         self.seq += 1;
         self.inflight += 1;
         shared.stats.published(self.room_no);
-        conn.send(&[protocol::event(Some(id), EV_PUBLISH, &arg)])
-            .await
+        conn.send(&[protocol::event(Some(id), event, &arg)]).await
     }
 
     /// Connects again with backoff and rejoins the room, unless the run stops first.

@@ -70,6 +70,9 @@ struct Args {
     /// Tolerated fraction of missing + duplicate deliveries.
     #[arg(long)]
     max_loss: Option<f64>,
+    /// The app's protocol: rooms (the default worker) or chat (apps/chat).
+    #[arg(long, value_enum)]
+    app: Option<loadtest::scenario::AppProtocol>,
     /// A token every client sends in its CONNECT auth payload, for a fleet with
     /// `auth.mode: jwt` or `proxy` (default: $LOADTEST_TOKEN; none).
     #[arg(long, env = "LOADTEST_TOKEN", hide_env_values = true)]
@@ -100,6 +103,9 @@ impl Args {
               max_loss => max_loss);
         if self.window.is_some() {
             s.window = self.window;
+        }
+        if let Some(app) = self.app {
+            s.app = app;
         }
         if self.token.is_some() {
             s.token.clone_from(&self.token);

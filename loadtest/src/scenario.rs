@@ -59,6 +59,9 @@ pub struct Scenario {
     pub procs: usize,
     /// The largest tolerated fraction of missing or duplicate deliveries (0 = none).
     pub max_loss: f64,
+    /// The protocol spoken: the default rooms app's, or the chat example's (`apps/chat`).
+    #[serde(default)]
+    pub app: AppProtocol,
     /// A token every client sends in its CONNECT auth payload (`{"token": ...}`), for a fleet
     /// with `auth.mode: jwt` or `proxy`. Never written into a report.
     #[serde(default)]
@@ -87,8 +90,21 @@ impl Default for Scenario {
             procs: 1,
             max_loss: 0.0,
             token: None,
+            app: AppProtocol::Rooms,
         }
     }
+}
+
+/// Which app's events the clients use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// The default app: `whoami`, `join`, `publish` `{room, data}`, `message`.
+    #[default]
+    Rooms,
+    /// The chat example: `nick`, `join`, `say` `{room, text}`, `line` (the payload travels as
+    /// the line's text; each line is also kept in the room's history).
+    Chat,
 }
 
 /// A scenario that cannot run, with the field at fault.
