@@ -369,6 +369,13 @@ mod tests {
     /// The greeting is the default app's protocol, byte for byte.
     #[test]
     fn greets_with_whoami_then_join() {
-        assert_eq!(greeting("r3"), [r#"421["whoami"]"#, r#"422["join","r3"]"#]);
+        assert_eq!(
+            greeting(AppProtocol::Rooms, "r3"),
+            [r#"421["whoami"]"#, r#"422["join","r3"]"#]
+        );
+        assert_eq!(
+            greeting(AppProtocol::Chat, "r3"),
+            [r#"421["nick","load"]"#, r#"422["join","r3"]"#]
+        );
     }
 }
