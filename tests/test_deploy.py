@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from fleet_harness import Balancer, Client, Proc, free_port, wait_until
+from fleet_harness import BIN_DIR, Balancer, Client, Proc, free_port, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMTOOL = shutil.which("promtool")
@@ -345,3 +345,17 @@ def test_real_prometheus_with_the_shipped_config_finds_every_target(closer, tmp_
     assert len(evaluated) == len(RECORDED) + len(rules("alerts.yml"))
     assert all(r["health"] == "ok" for r in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
     assert not [r["name"] for r in evaluated if r.get("state") == "firing"]
+
+
+def test_the_chat_example_deploys_from_the_same_image_and_files():
+    chat = load("compose.chat.yaml")["services"]
+    assert chat["fleet"]["build"]["args"]["APPS"] == "chat"
+    assert chat["fleet"]["image"] == chat["loadtest"]["image"]  # the app's image holds loadtest too
+    assert "/etc/fleet/fleet.chat.yaml" in chat["fleet"]["command"]
+    cfg = load("fleet.chat.yaml")
+    assert cfg["workers"]["command"] == ["chat"] and cfg["balancer"]["forward_paths"] == ["/"]
+    # The balancer's own parser accepts it (an index out of range is the only complaint).
+    r = subprocess.run([str(BIN_DIR / "worker"), "--config", str(DEPLOY / "fleet.chat.yaml"), "--index", "99"],
+                       capture_output=True, text=True, timeout=10)
+    assert "out of range" in r.stderr, r.stderr
+    assert "ARG APPS" in (DEPLOY / "Dockerfile").read_text()
