@@ -16,15 +16,65 @@ use crate::{FleetAdapter, RedisLink};
 
 /// A connected client's socket, as an app's handlers receive it (the `SocketRef` extractor of
 /// this fleet's Socket.IO server). Apps write their handlers against this type.
+///
+/// ```
+/// use worker::{Fleet, Socket};
+///
+/// let app = |socket: Socket, _fleet: &Fleet| {
+///     socket.join("lobby");
+///     socket.on("hello", async |s: Socket| {
+///         let _ = s.emit("welcome", s.ns());
+///     });
+/// };
+/// # let _: Box<dyn worker::App> = Box::new(app);
+/// ```
 pub type Socket = SocketRef<FleetAdapter>;
 
 /// The acknowledgement extractor for an event handler: `ack.send(&value)` answers the client.
+///
+/// ```
+/// use worker::socketioxide::extract::Data;
+/// use worker::{Ack, Fleet, Socket};
+///
+/// let app = |socket: Socket, _: &Fleet| {
+///     socket.on("add", async |Data((a, b)): Data<(i64, i64)>, ack: Ack| {
+///         let _ = ack.send(&(a + b));
+///     });
+/// };
+/// # let _: Box<dyn worker::App> = Box::new(app);
+/// ```
 pub type Ack = AckSender<FleetAdapter>;
 
 /// This fleet's Socket.IO server handle, as [`Fleet::io`] gives it.
+///
+/// ```
+/// use worker::{Fleet, Io, Socket};
+///
+/// async fn announce(io: &Io) {
+///     let _ = io.emit("announcement", "maintenance at noon").await; // every socket of `/`
+/// }
+/// let app = |_: Socket, fleet: &Fleet| {
+///     let io: Io = fleet.io().clone();
+///     tokio::spawn(async move { announce(&io).await });
+/// };
+/// # let _: Box<dyn worker::App> = Box::new(app);
+/// ```
 pub type Io = SocketIo<FleetAdapter>;
 
 /// Handle passed to the application for each connected socket. Cheap to clone.
+///
+/// ```
+/// use worker::{Fleet, Socket};
+///
+/// // Every handler gets the same handle; clone it into async handlers.
+/// let app = |socket: Socket, fleet: &Fleet| {
+///     let fleet = fleet.clone();
+///     socket.on("where", async move |s: Socket| {
+///         let _ = s.emit("here", fleet.worker_id());
+///     });
+/// };
+/// # let _: Box<dyn worker::App> = Box::new(app);
+/// ```
 #[derive(Clone)]
 pub struct Fleet {
     worker_id: Arc<str>,
@@ -46,27 +96,80 @@ impl Fleet {
     /// A connection to the fleet's Redis for the app's own state (history, counters, locks),
     /// shared with the fleet's pub/sub and cheap to clone; `None` while Redis is unreachable.
     /// The app's keys should not start with the fleet's `redis.prefix`.
+    ///
+    /// ```
+    /// use worker::redis::AsyncCommands;
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     let fleet = fleet.clone();
+    ///     socket.on("visit", async move |s: Socket| {
+    ///         if let Some(mut redis) = fleet.redis() {
+    ///             let n: i64 = redis.incr("myapp:visits", 1).await.unwrap_or(0);
+    ///             let _ = s.emit("visits", &n);
+    ///         }
+    ///     });
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn redis(&self) -> Option<redis::aio::MultiplexedConnection> {
         self.link.connection()
     }
 
     /// The room of every socket of `user` (authenticated with `auth:`), on every worker:
     /// `fleet.io().to(Fleet::user_room("alice")).emit(...)` reaches all of them.
+    ///
+    /// ```
+    /// assert_eq!(worker::Fleet::user_room("alice"), "user:alice");
+    /// ```
     pub fn user_room(user: &str) -> String {
         crate::auth::user_room(user)
     }
 
     /// This worker's id (`w0`, or `--id` when standalone).
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |_: Socket, fleet: &Fleet| tracing::info!(worker = fleet.worker_id(), "connected");
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn worker_id(&self) -> &str {
         &self.worker_id
     }
 
     /// The Socket.IO server, for anything the helpers below do not cover.
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// // Across workers: who is in a room, and disconnecting them wherever they are.
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     let fleet = fleet.clone();
+    ///     socket.on("clear", async move |s: Socket| {
+    ///         let n = fleet.io().within("stage").fetch_sockets().await.map_or(0, |v| v.len());
+    ///         let _ = fleet.io().within("stage").disconnect().await;
+    ///         let _ = s.emit("cleared", &n);
+    ///     });
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn io(&self) -> &Io {
         &self.io
     }
 
     /// What `socket` may do, as its connection was admitted (`auth:`, `rooms:`).
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, _: &Fleet| {
+    ///     let grant = Fleet::grant(&socket);
+    ///     let name = grant.user.unwrap_or_else(|| "guest".into());
+    ///     let _ = socket.emit("hello", &name);
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn grant(socket: &Socket) -> Grant {
         socket
             .extensions
@@ -76,11 +179,32 @@ impl Fleet {
 
     /// Count a client request refused by its permissions in
     /// `fleet_worker_forbidden_total{action}`.
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     if !Fleet::grant(&socket).may_join("vip") {
+    ///         fleet.count_forbidden("join");
+    ///     }
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn count_forbidden(&self, action: &str) {
         self.metrics.forbidden.with_label_values(&[action]).inc();
     }
 
     /// Count one received event in `fleet_worker_events_total{event}`.
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     let fleet = fleet.clone();
+    ///     socket.on("ping", async move || fleet.count_event("ping"));
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub fn count_event(&self, event: &str) {
         self.metrics.event(event);
     }
@@ -92,6 +216,19 @@ impl Fleet {
     ///
     /// # Errors
     /// The local emit failed (the payload could not be serialised).
+    ///
+    /// ```
+    /// use worker::{Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     let fleet = fleet.clone();
+    ///     socket.on("shout", async move || {
+    ///         let dropped = fleet.publish("lobby".into(), "shouted", "hey").await;
+    ///         tracing::debug!(?dropped, "shouted");
+    ///     });
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
     pub async fn publish<T: ?Sized + Serialize>(
         &self,
         room: String,
@@ -199,6 +336,11 @@ pub struct Namespaces {
 
 impl Namespaces {
     /// No namespace yet.
+    ///
+    /// ```
+    /// use worker::App;
+    /// assert!(worker::Namespaces::new().namespaces().is_empty());
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
@@ -237,6 +379,12 @@ impl Namespaces {
 
     /// Serves the files of `dir` as pages (see [`App::static_dir`]).
     #[must_use]
+    ///
+    /// ```
+    /// use worker::App;
+    /// let app = worker::Namespaces::new().on("/", |_, _| {}).pages("static");
+    /// assert_eq!(app.static_dir(), Some("static".into()));
+    /// ```
     pub fn pages(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.pages = Some(dir.into());
         self

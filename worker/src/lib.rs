@@ -96,6 +96,17 @@ impl From<TcpListener> for Listener {
 ///
 /// # Errors
 /// The settings are unusable; nothing was served.
+///
+/// ```no_run
+/// # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+/// let settings = worker::WorkerSettings::standalone(
+///     "w9".into(), "127.0.0.1:9009".parse()?, "redis://127.0.0.1:6379".into());
+/// let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+/// let stop = async { let _ = tokio::signal::ctrl_c().await; };
+/// let report = worker::run(listener, settings, worker::RoomsApp, stop).await?;
+/// println!("drained {} sessions", report.sessions);
+/// # Ok(()) }
+/// ```
 pub async fn run(
     listener: impl Into<Listener>,
     settings: WorkerSettings,

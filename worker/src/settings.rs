@@ -35,6 +35,13 @@ impl WorkerSettings {
     ///
     /// # Errors
     /// The index is past `workers.count`, or the address does not resolve to one socket address.
+    ///
+    /// ```
+    /// let cfg = shared::FleetConfig::from_yaml_str("workers:\n  count: 2\n  base_port: 9001\n").unwrap();
+    /// let s = worker::WorkerSettings::from_fleet(&cfg, 1).unwrap();
+    /// assert_eq!((s.id.as_str(), s.listen.port()), ("w1", 9002));
+    /// assert!(worker::WorkerSettings::from_fleet(&cfg, 2).is_err());
+    /// ```
     pub fn from_fleet(cfg: &FleetConfig, index: u32) -> Result<Self, String> {
         if index >= cfg.workers.count {
             return Err(format!(
@@ -61,6 +68,13 @@ impl WorkerSettings {
 
     /// A standalone worker at `listen` named `id`, every other setting from a fleet file (its
     /// auth, rooms, socketio, api, drain window and connection cap), Redis at `redis_url`.
+    ///
+    /// ```
+    /// let cfg = shared::FleetConfig::from_yaml_str("rooms:\n  client_publish: false\n").unwrap();
+    /// let s = worker::WorkerSettings::standalone_from(
+    ///     &cfg, "far-1".into(), "0.0.0.0:9001".parse().unwrap(), "redis://10.0.0.5".into());
+    /// assert!(!s.rooms.client_publish && s.redis.url == "redis://10.0.0.5");
+    /// ```
     pub fn standalone_from(
         cfg: &FleetConfig,
         id: String,
@@ -84,6 +98,12 @@ impl WorkerSettings {
     }
 
     /// A standalone worker: everything but these from the defaults.
+    ///
+    /// ```
+    /// let s = worker::WorkerSettings::standalone(
+    ///     "far-1".into(), "127.0.0.1:9001".parse().unwrap(), "redis://127.0.0.1:6379".into());
+    /// assert_eq!(s.id, "far-1");
+    /// ```
     pub fn standalone(id: String, listen: SocketAddr, redis_url: String) -> Self {
         let defaults = FleetConfig::default();
         WorkerSettings {
