@@ -118,12 +118,6 @@ fn refusal(why: impl Into<String>) -> Value {
 }
 
 /// A room argument: a non-empty string of at most [`MAX_ROOM_BYTES`] bytes.
-///
-/// ```
-/// use serde_json::json;
-/// assert_eq!(worker::app::room_arg(Some(json!("lobby"))), Ok("lobby".into()));
-/// assert!(worker::app::room_arg(Some(json!(""))).is_err());
-/// ```
 pub fn room_arg(arg: Option<Value>) -> Result<String, String> {
     match arg {
         Some(Value::String(room)) => check_room(room),
@@ -133,12 +127,6 @@ pub fn room_arg(arg: Option<Value>) -> Result<String, String> {
 }
 
 /// A publish argument: `{"room": string, "data": any}`.
-///
-/// ```
-/// use serde_json::json;
-/// let (room, data) = worker::app::publish_arg(Some(json!({"room": "r", "data": 1}))).unwrap();
-/// assert_eq!((room.as_str(), data), ("r", json!(1)));
-/// ```
 pub fn publish_arg(arg: Option<Value>) -> Result<(String, Value), String> {
     let Some(Value::Object(mut obj)) = arg else {
         return Err(r#"publish expects {"room": string, "data": any}"#.into());

@@ -122,11 +122,13 @@ impl ConnRegistry {
     }
 
     /// All open connections.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.conns.lock().unwrap().entries.len()
     }
 
     /// True when no connection is open.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -164,6 +164,13 @@ impl DrainGate {
 }
 
 /// What a drain did.
+///
+/// ```no_run
+/// # async fn serve(settings: worker::WorkerSettings, l: tokio::net::TcpListener) -> Result<(), worker::StartError> {
+/// let report = worker::run(l, settings, worker::RoomsApp, async {}).await?;
+/// println!("{} sessions moved in {:?}", report.sessions, report.took);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrainReport {
     /// Sessions whose transport was closed.

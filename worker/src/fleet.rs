@@ -284,6 +284,22 @@ pub trait App: Send + Sync + 'static {
     /// [`Grant`](crate::auth::Grant) is set): `Err(message)` refuses the socket, which the
     /// client sees as `connect_error` with that message. Default: everyone admitted.
     ///
+    /// ```
+    /// use worker::{App, Fleet, Socket};
+    ///
+    /// struct MembersOnly;
+    /// impl App for MembersOnly {
+    ///     fn admit(&self, socket: &Socket, _: &Fleet) -> Result<(), String> {
+    ///         match Fleet::grant(socket).claims["plan"].as_str() {
+    ///             Some("member") => Ok(()),
+    ///             _ => Err("members only".into()), // the client's connect_error message
+    ///         }
+    ///     }
+    ///     fn on_connect(&self, _: Socket, _: &Fleet) {}
+    /// }
+    /// # let _ = MembersOnly;
+    /// ```
+    ///
     /// # Errors
     /// Why the socket may not connect to this namespace.
     fn admit(&self, socket: &Socket, fleet: &Fleet) -> Result<(), String> {
@@ -297,6 +313,19 @@ pub trait App: Send + Sync + 'static {
 
     /// A directory of pages the worker serves for paths nothing else answers (`/` is
     /// `index.html`); through the balancer, list them in `balancer.forward_paths`. Default none.
+    ///
+    /// ```
+    /// use worker::{App, Fleet, Socket};
+    ///
+    /// struct WithPage;
+    /// impl App for WithPage {
+    ///     fn on_connect(&self, _: Socket, _: &Fleet) {}
+    ///     fn static_dir(&self) -> Option<std::path::PathBuf> {
+    ///         Some(concat!(env!("CARGO_MANIFEST_DIR"), "/static").into())
+    ///     }
+    /// }
+    /// assert!(WithPage.static_dir().is_some());
+    /// ```
     fn static_dir(&self) -> Option<std::path::PathBuf> {
         None
     }
@@ -347,6 +376,14 @@ impl Namespaces {
 
     /// Serves `path` with `handler` (replacing an earlier one for the same path).
     #[must_use]
+    ///
+    /// ```
+    /// use worker::{App, Fleet, Namespaces, Socket};
+    /// let app = Namespaces::new()
+    ///     .on("/chat", |s: Socket, _: &Fleet| s.join("lobby"))
+    ///     .on("/chat", |_: Socket, _: &Fleet| {}); // replaces the first
+    /// assert_eq!(app.namespaces(), ["/chat"]);
+    /// ```
     pub fn on(
         mut self,
         path: &str,
@@ -363,6 +400,16 @@ impl Namespaces {
     /// # Panics
     /// `path` has no handler yet: a programming error, caught at start.
     #[must_use]
+    ///
+    /// ```
+    /// use worker::{Fleet, Namespaces, Socket};
+    /// let app = Namespaces::new()
+    ///     .on("/admin", |_: Socket, _: &Fleet| {})
+    ///     .admit("/admin", |s: &Socket, _: &Fleet| {
+    ///         Fleet::grant(s).user.map(|_| ()).ok_or_else(|| "sign in first".to_owned())
+    ///     });
+    /// # let _ = app;
+    /// ```
     pub fn admit(
         mut self,
         path: &str,

@@ -1,38 +1,42 @@
 //! The fleet worker: a socketioxide server whose room broadcasts cross workers over Redis,
 //! with health, metrics and graceful drain. Applications plug in their handlers as an [`App`].
 //!
-//! # Layout
-//! - [`main`] ([`cli`]): the whole program of a worker binary, given an app.
-//! - [`run`] (here): wires the parts below and serves until the stop future resolves.
-//! - [`settings`]: what one worker needs, from the fleet YAML or from flags.
-//! - [`drivers`]: the reconnecting Redis pub/sub driver (`RedisLink`).
-//! - [`fleet`]: the [`App`] trait, the [`Fleet`] handle apps receive, and the Socket.IO types
-//!   apps name ([`Socket`], [`Ack`], [`Io`]).
-//! - [`app`]: the default rooms app (whoami, echo, join, leave, publish).
-//! - [`api`]: the server API under `/api/` (publish, rooms, disconnect, info).
-//! - [`auth`]: who may connect (`auth:`) and what each socket may do with rooms.
-//! - [`server`]: accept loop with a connection cap; [`conn`]: connections a drain can cut;
-//!   [`handoff`]: connections the supervising balancer passes over.
-//! - [`http`]: routing of the single port; [`pages`]: an app's own files; [`drain`]: moving clients away on SIGTERM.
-//! - [`health`]: readiness; [`metrics`]: the registry; [`probes`]: lag and memory probes.
+//! # For an app
+//! - [`main`]: the whole program of a worker binary, given an app (`worker::main(app)`).
+//! - [`App`] (any `Fn(Socket, &Fleet)`), [`Namespaces`]: what an app is.
+//! - [`Fleet`]: the handle handlers get: cross-worker broadcasts, the Socket.IO server
+//!   ([`Io`]), the fleet's Redis, a socket's [`Grant`]; [`Socket`] and [`Ack`]: the types
+//!   handlers take. [`redis`] and [`socketioxide`]: the crates, at the fleet's versions.
+//! - [`run`], [`WorkerSettings`], [`Listener`]: serving an app from a program of one's own.
+//! - [`RoomsApp`]: the default app.
+//!
+//! # Inside (private modules)
+//! `cli` (the command line), `settings`, `drivers` (the reconnecting Redis pub/sub driver),
+//! `fleet`, `app`, `auth` (who may connect, what a socket may do), `api` (the server API under
+//! `/api/`), `server` (accept loop with a connection cap), `conn` (connections a drain can cut),
+//! `handoff` (connections the supervising balancer passes over), `http` (the one port),
+//! `pages` (an app's own files), `drain` (moving clients away on SIGTERM), `health`
+//! (readiness), `metrics`, `probes` (lag and memory).
 #![warn(missing_docs)]
 
-pub mod api;
-pub mod app;
-pub mod auth;
-pub mod cli;
-pub mod conn;
-pub mod drain;
-pub mod drivers;
-pub mod fleet;
-pub mod handoff;
-pub mod health;
-pub mod http;
-pub mod metrics;
-pub mod pages;
-pub mod probes;
-pub mod server;
-pub mod settings;
+// The library's public surface is what an app uses (re-exported below); the modules are the
+// worker's own plumbing.
+mod api;
+mod app;
+mod auth;
+mod cli;
+mod conn;
+mod drain;
+mod drivers;
+mod fleet;
+mod handoff;
+mod health;
+mod http;
+mod metrics;
+mod pages;
+mod probes;
+mod server;
+mod settings;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,9 +50,10 @@ use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr
 use tokio::net::{TcpListener, UnixDatagram};
 
 pub use app::RoomsApp;
+pub use auth::{Grant, Rooms};
 pub use cli::main;
 pub use drain::DrainReport;
-pub use drivers::RedisLink;
+pub(crate) use drivers::RedisLink;
 pub use fleet::{Ack, App, Fleet, Io, Namespaces, Socket};
 /// The Redis client the fleet uses, for an app's own state ([`Fleet::redis`]).
 pub use redis;
@@ -61,6 +66,14 @@ pub use socketioxide;
 pub(crate) type FleetAdapter = CustomRedisAdapter<Emitter, RedisLink>;
 
 /// Why a worker could not start.
+///
+/// ```no_run
+/// # async fn serve(settings: worker::WorkerSettings, l: tokio::net::TcpListener) {
+/// if let Err(e) = worker::run(l, settings, worker::RoomsApp, async {}).await {
+///     eprintln!("not started: {e}"); // e.g. "redis url: ..."
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The Redis URL is not usable.
@@ -76,6 +89,13 @@ pub enum StartError {
 
 /// Where a worker's connections come from: its port, and the channel from a supervising
 /// balancer that hands it WebSocket connections (see `shared::handoff`).
+///
+/// ```no_run
+/// # async fn f() -> std::io::Result<()> {
+/// let tcp = tokio::net::TcpListener::bind("127.0.0.1:9001").await?;
+/// let listener = worker::Listener { tcp, handoff: None }; // or `tcp.into()`
+/// # let _ = listener; Ok(()) }
+/// ```
 pub struct Listener {
     /// The worker's port.
     pub tcp: TcpListener,

@@ -8,6 +8,13 @@ use shared::FleetConfig;
 use shared::config::{AuthConfig, RedisConfig, RoomsConfig, SocketIoConfig};
 
 /// One worker's settings.
+///
+/// ```
+/// let mut s = worker::WorkerSettings::standalone(
+///     "w1".into(), "127.0.0.1:9001".parse().unwrap(), "redis://127.0.0.1:6379".into());
+/// s.drain_window = std::time::Duration::from_secs(30);
+/// s.max_connections = 50_000;
+/// ```
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Identity in logs, metrics and `whoami`.

@@ -63,16 +63,6 @@ impl Expiry {
             }
         }
     }
-
-    /// Entries scheduled (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.due.lock().unwrap().len()
-    }
-
-    /// Nothing scheduled.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn find(io: &Io, ns: &str, sid: &str) -> Option<Socket> {

@@ -13,17 +13,31 @@ pub fn user_room(user: &str) -> String {
 }
 
 /// A list of room patterns.
+///
+/// ```
+/// let rooms: worker::Rooms = ["lobby", "chat:*"].into_iter().collect();
+/// assert!(rooms.allows("chat:42") && !rooms.allows("admin"));
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Rooms(Vec<String>);
 
 impl Rooms {
     /// Any room.
+    ///
+    /// ```
+    /// assert!(worker::Rooms::any().allows("anything at all"));
+    /// ```
     pub fn any() -> Self {
         Rooms(vec!["*".into()])
     }
 
     /// Whether `room` matches one of the patterns.
+    ///
+    /// ```
+    /// let rooms: worker::Rooms = ["team:*"].into_iter().collect();
+    /// assert!(rooms.allows("team:red") && !rooms.allows("team"));
+    /// ```
     pub fn allows(&self, room: &str) -> bool {
         self.0.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => room.starts_with(prefix),
@@ -39,6 +53,19 @@ impl<S: Into<String>> FromIterator<S> for Rooms {
 }
 
 /// One socket's permissions, kept in its extensions.
+///
+/// ```
+/// use worker::{Fleet, Socket};
+///
+/// // Read in a handler: who this is, and what the credentials allow.
+/// let app = |socket: Socket, _: &Fleet| {
+///     let grant = Fleet::grant(&socket);
+///     if grant.may_join("staff") && grant.claims["role"] == "editor" {
+///         socket.join("staff");
+///     }
+/// };
+/// # let _: Box<dyn worker::App> = Box::new(app);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// The user id (`sub`); `None` without authentication.
@@ -56,6 +83,11 @@ pub struct Grant {
 
 impl Grant {
     /// `auth.mode: none`: anyone, any room.
+    ///
+    /// ```
+    /// let g = worker::Grant::anonymous();
+    /// assert!(g.user.is_none() && g.may_join("lobby") && g.may_publish("lobby"));
+    /// ```
     pub fn anonymous() -> Self {
         Grant {
             user: None,
@@ -68,18 +100,36 @@ impl Grant {
 
     /// Whether it may join `room`. No client joins a `user:` room: the server puts each
     /// user's sockets in theirs, and another user's is not to be listened to.
+    ///
+    /// ```
+    /// let g = worker::Grant::anonymous();
+    /// assert!(g.may_join("lobby") && !g.may_join("user:bob"));
+    /// ```
     pub fn may_join(&self, room: &str) -> bool {
         !room.starts_with(USER_ROOM_PREFIX) && self.rooms.allows(room)
     }
 
     /// Whether it may leave `room`: any but a `user:` room, which is how the server reaches
     /// (and disconnects) every socket of a user.
+    ///
+    /// ```
+    /// let g = worker::Grant::anonymous();
+    /// assert!(g.may_leave("lobby") && !g.may_leave("user:alice"));
+    /// ```
     pub fn may_leave(&self, room: &str) -> bool {
         !room.starts_with(USER_ROOM_PREFIX)
     }
 
     /// Whether it may publish to `room`. A `user:` room is a user's private channel: only a
     /// pattern that names `user:` itself (`"user:*"`, `"user:bob"`) reaches one, never `"*"`.
+    ///
+    /// ```
+    /// let support = worker::Grant {
+    ///     publish: ["user:*"].into_iter().collect(),
+    ///     ..worker::Grant::anonymous()
+    /// };
+    /// assert!(support.may_publish("user:bob") && !worker::Grant::anonymous().may_publish("user:bob"));
+    /// ```
     pub fn may_publish(&self, room: &str) -> bool {
         if room.starts_with(USER_ROOM_PREFIX) {
             self.publish
