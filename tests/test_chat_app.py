@@ -94,9 +94,17 @@ def test_two_namespaces_history_members_typing_and_a_kick_across_workers(closer,
         wait_until(lambda c=c: {"room": "team", "nick": "c1", "typing": True} in c.typing, 5, what="typing")
     assert crowd[1].typing == []  # not to the one typing
 
-    # Members across workers, with nicknames.
+    # Members across workers, by nickname only (a socket id is its session's id).
     members = crowd[3].call("members", "team")["members"]
     assert sorted(m["nick"] for m in members) == [f"c{i}" for i in range(6)]
+    assert all(set(m) == {"nick"} for m in members)
+    assert crowd[3].call("members", "general")["ok"] is False  # not a member of it
+    # The fleet's permissions hold in the app: nobody joins a user's room or leaves their own.
+    assert crowd[3].call("join", "user:alice") == {"ok": False, "error": "forbidden"}
+    assert crowd[3].call("join", "nick:c1") == {"ok": False, "error": "forbidden"}
+    crowd[3].sio.emit("typing", {"room": "general", "typing": True})  # not its room: dropped
+    time.sleep(0.2)
+    assert all(t["room"] == "team" for c in crowd for t in c.typing)
 
     # /admin: refused without the key; with it, a kick on w0 disconnects c2 on w2.
     refused = socketio.Client(reconnection=False)
@@ -107,8 +115,7 @@ def test_two_namespaces_history_members_typing_and_a_kick_across_workers(closer,
     except socketio.exceptions.ConnectionError:
         pass
     assert errors and errors[0] == {"message": "admins only"}, errors
-    admin = closer.add(Chatter(b.worker_url(0), namespaces=["/admin"],
-                               headers={"Authorization": f"Bearer {ADMIN_KEY}"}))
+    admin = closer.add(Chatter(b.worker_url(0), namespaces=["/admin"], headers={"x-chat-admin-key": ADMIN_KEY}))
     assert admin.call("kick", {"nick": "c2"}, namespace="/admin") == {"ok": True, "kicked": 1}
     wait_until(lambda: crowd[2].disconnects, 5, what="c2 kicked from another worker")
     assert all(not c.disconnects for c in crowd[:2] + crowd[3:])
@@ -168,6 +175,10 @@ def test_the_page_in_a_browser_through_the_balancer(closer, tmp_path, redis):
     static = tmp_path / "static"
     shutil.copytree(ROOT / "apps" / "chat" / "static", static)
     shutil.copy(NODE_DIR / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js", static)
+    # The test's own script, added to this copy only: join, say, report.
+    shutil.copy(ROOT / "tests" / "browser" / "chat_hook.js", static)
+    page = static / "index.html"
+    page.write_text(page.read_text().replace("</body>", '<script src="/chat_hook.js"></script>\n</body>'))
     b = start(closer, tmp_path, redis, static_dir=static)
     # Pages go through the balancer to a worker; the workers' own endpoints do not.
     assert "fleet chat" in requests.get(b.url + "/", timeout=5).text

@@ -142,7 +142,9 @@ async fn serve(app: impl App) -> ExitCode {
         .with_env_filter(log_filter())
         .with_target(false)
         .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+        // An app that set up its own logging first keeps it.
+        .try_init()
+        .ok();
     let settings = match parse_args().and_then(settings) {
         Ok(s) => s,
         Err(e) => {

@@ -254,6 +254,16 @@ impl Fleet {
     }
 }
 
+/// Every socket of this worker, in every namespace: one client connected to two namespaces
+/// shares its id, so the ids are counted once.
+pub(crate) fn local_sids(io: &Io) -> std::collections::BTreeSet<String> {
+    io.nsps()
+        .into_iter()
+        .flat_map(|ns| ns.local().sockets())
+        .map(|s| s.id.to_string())
+        .collect()
+}
+
 /// An application: the namespaces it serves, and its event handlers on each new socket.
 ///
 /// Any `Fn(Socket, &Fleet)` closure is an `App` serving the namespace `/`; [`Namespaces`]
@@ -374,7 +384,8 @@ impl Namespaces {
         Self::default()
     }
 
-    /// Serves `path` with `handler` (replacing an earlier one for the same path).
+    /// Serves `path` with `handler` (replacing an earlier one for the same path, keeping its
+    /// connect check).
     #[must_use]
     ///
     /// ```
@@ -389,9 +400,14 @@ impl Namespaces {
         path: &str,
         handler: impl Fn(Socket, &Fleet) + Send + Sync + 'static,
     ) -> Self {
-        self.handlers.retain(|(p, ..)| p != path);
+        // A check given before keeps guarding the namespace.
+        let admission = self
+            .handlers
+            .iter()
+            .position(|(p, ..)| p == path)
+            .and_then(|i| self.handlers.remove(i).2);
         self.handlers
-            .push((path.to_owned(), Box::new(handler), None));
+            .push((path.to_owned(), Box::new(handler), admission));
         self
     }
 

@@ -116,7 +116,8 @@ pub async fn handle(
 /// Brings the `fleet_worker_connections` gauge up to date (this worker's connected sockets)
 /// and returns its value.
 fn count_connections(ctx: &HttpCtx) -> i64 {
-    let n = i64::try_from(ctx.io.sockets().len()).unwrap_or(i64::MAX);
+    // Every namespace (an app need not serve `/`), each client once.
+    let n = i64::try_from(crate::fleet::local_sids(&ctx.io).len()).unwrap_or(i64::MAX);
     ctx.metrics.connections.set(n);
     n
 }

@@ -272,7 +272,7 @@ pub async fn run(
     metrics.draining.set(1);
     let report = gate
         .drain(settings.drain_window, || {
-            io.sockets().iter().map(|s| s.id.to_string()).collect()
+            fleet::local_sids(&io).into_iter().collect()
         })
         .await;
     trigger.trigger();

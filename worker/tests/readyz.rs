@@ -78,3 +78,40 @@ async fn readyz_counts_connected_sockets_ready_or_not() {
     .await
     .expect("the worker answered within 10 s");
 }
+
+/// An app need not serve `/`: a worker with only `/chat` answers `/readyz` and counts a socket
+/// connected to `/chat` (counting only `/` used to panic).
+#[tokio::test]
+async fn an_app_without_the_main_namespace_is_counted_too() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = WorkerSettings::standalone("w8".into(), addr, "redis://127.0.0.1:1".into());
+    let app = worker::Namespaces::new().on("/chat", |_: worker::Socket, _: &worker::Fleet| {});
+    tokio::spawn(worker::run(listener, settings, app, std::future::pending()));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        assert_eq!(readyz(addr).await.1, 0);
+        let open = request(addr, "GET", "/socket.io/?EIO=4&transport=polling", "").await;
+        let sid = open
+            .split("\"sid\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no sid in:\n{open}"))
+            .to_owned();
+        let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let posted = request(addr, "POST", &target, "40/chat,").await;
+        assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
+        loop {
+            if readyz(addr).await.1 == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let metrics = request(addr, "GET", "/metrics", "").await;
+        assert!(
+            metrics.contains("fleet_worker_connections{worker=\"w8\"} 1"),
+            "{metrics}"
+        );
+    })
+    .await
+    .expect("the worker answered within 10 s");
+}

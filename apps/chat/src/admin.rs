@@ -1,6 +1,8 @@
 //! The `/admin` namespace: kick a nickname or a user off the chat, on whichever worker they
 //! are. Admitted: a socket whose credentials say `"admin": true` (with `auth:` on), or whose
-//! handshake carries `Authorization: Bearer <CHAT_ADMIN_KEY>`.
+//! handshake carries `x-chat-admin-key: <CHAT_ADMIN_KEY>` (a header of its own: the fleet's
+//! `Authorization` is the user's token). A key shorter than 16 bytes, or left at the deploy
+//! files' `change-me` placeholder, admits no one.
 //!
 //! | admin emits | ack |
 //! |---|---|
@@ -21,12 +23,13 @@ pub fn admit(socket: &Socket, _fleet: &Fleet) -> Result<(), String> {
         return Ok(());
     }
     let key = std::env::var("CHAT_ADMIN_KEY").unwrap_or_default();
+    let usable = key.len() >= 16 && !key.starts_with("change-me");
     let given = socket
         .req_parts()
         .headers
-        .get("authorization")
-        .map(|v| v.as_bytes());
-    if shared::api::authorized(given, &key) {
+        .get("x-chat-admin-key")
+        .map(|v| [b"Bearer ".as_slice(), v.as_bytes()].concat());
+    if usable && shared::api::authorized(given.as_deref(), &key) {
         Ok(())
     } else {
         Err("admins only".into())

@@ -7,7 +7,11 @@
 //! | `leave`, room | `{"ok", "room"}` |
 //! | `say`, `{"room", "text"}` | `{"ok"}`; every member gets `line` `{"room", "nick", "text", "at"}` |
 //! | `typing`, `{"room", "typing"}` | the other members get `typing` `{"room", "nick", "typing"}` |
-//! | `members`, room | `{"room", "members": [{"sid", "nick"}]}` across all workers |
+//! | `members`, room (one it is in) | `{"room", "members": [{"nick"}]}` across all workers |
+//!
+//! Rooms follow the socket's permissions (`auth:`, `rooms:`): no `user:` room is joined or
+//! left, and a room outside the claims is refused `forbidden`. Socket ids are never shown to
+//! other clients (a socket's id is its session's id).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,11 +27,19 @@ use crate::history;
 #[derive(Clone)]
 pub struct Nick(pub String);
 
-/// Nicknames by socket id, for member lists across workers.
-const NICKS: &str = "chat:nicks";
 /// Longest nickname and room name, and line.
 const MAX_NAME: usize = 32;
 const MAX_TEXT: usize = 2000;
+/// Rooms one socket may be in (besides its own).
+const MAX_ROOMS: usize = 50;
+/// How long a nickname entry lives in Redis, in seconds: a worker killed outright leaves
+/// nothing behind for long.
+const NICK_TTL: u64 = 24 * 3600;
+
+/// A socket's nickname in Redis, for member lists across workers.
+fn nick_key(sid: &str) -> String {
+    format!("chat:nick:{sid}")
+}
 
 /// The socket's nickname (`anonymous` until it says one).
 pub fn nick(socket: &Socket) -> String {
@@ -57,7 +69,8 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
             s.extensions.insert(Nick(name.clone()));
             s.join(nick_room(&name));
             if let Some(mut redis) = f.redis() {
-                let _: Result<(), _> = redis.hset(NICKS, s.id.to_string(), &name).await;
+                let key = nick_key(&s.id.to_string());
+                let _: Result<(), _> = redis.set_ex(key, &name, NICK_TTL).await;
             }
             reply(ack, json!({ "ok": true, "nick": name }));
         },
@@ -67,9 +80,16 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
     socket.on(
         "join",
         async move |s: Socket, TryData(room): TryData<String>, ack: Ack| {
-            let Some(room) = room.ok().filter(|r| valid(r) && !r.starts_with("nick:")) else {
+            let Some(room) = room.ok().filter(|r| valid(r)) else {
                 return reply(ack, refusal("a room is 1 to 32 characters"));
             };
+            if room.starts_with("nick:") || !Fleet::grant(&s).may_join(&room) {
+                f.count_forbidden("join");
+                return reply(ack, refusal("forbidden"));
+            }
+            if s.rooms().len() > MAX_ROOMS {
+                return reply(ack, refusal("in too many rooms: leave one first"));
+            }
             s.join(room.clone());
             let history = history::lines(&f, &room).await;
             reply(ack, json!({ "ok": true, "room": room, "history": history }));
@@ -79,9 +99,12 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
     socket.on(
         "leave",
         async |s: Socket, TryData(room): TryData<String>, ack: Ack| {
-            let Some(room) = room.ok().filter(|r| !r.starts_with("nick:")) else {
+            let Ok(room) = room else {
                 return reply(ack, refusal("which room?"));
             };
+            if room.starts_with("nick:") || !Fleet::grant(&s).may_leave(&room) {
+                return reply(ack, refusal("forbidden"));
+            }
             s.leave(room.clone());
             reply(ack, json!({ "ok": true, "room": room }));
         },
@@ -94,12 +117,15 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
             let Ok(Said { room, text }) = said else {
                 return reply(ack, refusal(r#"say {"room", "text"}"#));
             };
-            if !s.rooms().contains(&room.clone().into()) || text.is_empty() || text.len() > MAX_TEXT
-            {
+            if !in_room(&s, &room) || text.is_empty() || text.len() > MAX_TEXT {
                 return reply(
                     ack,
                     refusal("join the room first; a line is 1 to 2000 bytes"),
                 );
+            }
+            if !Fleet::grant(&s).may_publish(&room) {
+                f.count_forbidden("publish");
+                return reply(ack, refusal("forbidden"));
             }
             let line = json!({ "room": room, "nick": nick(&s), "text": text, "at": now_ms() });
             history::push(&f, &room, &line).await;
@@ -109,7 +135,11 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
     );
 
     socket.on("typing", async |s: Socket, TryData(t): TryData<Typing>| {
-        if let Ok(Typing { room, typing }) = t {
+        // Only to a room it is in and may speak in.
+        if let Ok(Typing { room, typing }) = t
+            && in_room(&s, &room)
+            && Fleet::grant(&s).may_publish(&room)
+        {
             let note = json!({ "room": room, "nick": nick(&s), "typing": typing });
             let _ = s.to(room).emit("typing", &note).await;
         }
@@ -118,10 +148,13 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
     let f = fleet.clone();
     socket.on(
         "members",
-        async move |TryData(room): TryData<String>, ack: Ack| {
+        async move |s: Socket, TryData(room): TryData<String>, ack: Ack| {
             let Ok(room) = room else {
                 return reply(ack, refusal("which room?"));
             };
+            if !in_room(&s, &room) {
+                return reply(ack, refusal("join the room first"));
+            }
             reply(ack, members(&f, &room).await);
         },
     );
@@ -129,33 +162,38 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
     let f = fleet.clone();
     socket.on_disconnect(async move |s: Socket| {
         if let Some(mut redis) = f.redis() {
-            let _: Result<(), _> = redis.hdel(NICKS, s.id.to_string()).await;
+            let _: Result<(), _> = redis.del(nick_key(&s.id.to_string())).await;
         }
     });
 }
 
-/// The room's members on every worker (the adapter asks them), with their nicknames.
+/// The room's members on every worker (the adapter asks them), by nickname.
 async fn members(fleet: &Fleet, room: &str) -> Value {
     let sockets = match fleet.io().within(room.to_owned()).fetch_sockets().await {
         Ok(s) => s,
         Err(e) => return refusal(&format!("members unavailable: {e}")),
     };
-    let sids: Vec<String> = sockets.iter().map(|s| s.data().id.to_string()).collect();
-    let nicks: Vec<Option<String>> = match (fleet.redis(), sids.is_empty()) {
-        (Some(mut redis), false) => worker::redis::cmd("HMGET")
-            .arg(NICKS)
-            .arg(&sids)
+    let keys: Vec<String> = sockets
+        .iter()
+        .map(|s| nick_key(&s.data().id.to_string()))
+        .collect();
+    let nicks: Vec<Option<String>> = match (fleet.redis(), keys.is_empty()) {
+        (Some(mut redis), false) => worker::redis::cmd("MGET")
+            .arg(&keys)
             .query_async(&mut redis)
             .await
             .unwrap_or_default(),
         _ => Vec::new(),
     };
-    let members: Vec<Value> = sids
-        .iter()
-        .enumerate()
-        .map(|(i, sid)| json!({ "sid": sid, "nick": nicks.get(i).cloned().flatten() }))
+    // Nicknames only: a socket's id is its session's id, not for other clients' eyes.
+    let members: Vec<Value> = (0..keys.len())
+        .map(|i| json!({ "nick": nicks.get(i).cloned().flatten() }))
         .collect();
     json!({ "room": room, "members": members })
+}
+
+fn in_room(socket: &Socket, room: &str) -> bool {
+    socket.rooms().iter().any(|r| r.as_ref() == room)
 }
 
 #[derive(Deserialize)]

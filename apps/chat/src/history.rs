@@ -7,6 +7,8 @@ use worker::redis::AsyncCommands;
 
 /// Lines kept per room.
 pub const KEEP: isize = 50;
+/// A room silent this long forgets its history, in seconds (room names are the clients').
+const IDLE_TTL: i64 = 7 * 24 * 3600;
 
 fn key(room: &str) -> String {
     format!("chat:history:{room}")
@@ -21,6 +23,7 @@ pub async fn push(fleet: &Fleet, room: &str, line: &Value) {
     let _: Result<(), _> = worker::redis::pipe()
         .lpush(&key, line.to_string())
         .ltrim(&key, 0, KEEP - 1)
+        .expire(&key, IDLE_TTL)
         .query_async(&mut redis)
         .await;
 }

@@ -50,7 +50,11 @@ impl Local {
         let io = self.fleet.io();
         match question {
             Question::Room(room) => {
-                let sockets = io.local().within(room.clone()).sockets();
+                // The API's rooms are those of `/`, which an app need not serve.
+                let sockets = io
+                    .of("/")
+                    .map(|ns| ns.local().within(room.clone()).sockets())
+                    .unwrap_or_default();
                 let members: Vec<Value> = sockets
                     .iter()
                     .take(shared::api::MAX_MEMBERS)
@@ -83,7 +87,7 @@ impl Local {
             Question::Info => json!({
                 "worker": self.fleet.worker_id(),
                 "ready": matches!(self.readiness.check(), Status::Ready | Status::Degraded(_)),
-                "connections": io.sockets().len(),
+                "connections": crate::fleet::local_sids(io).len(),
                 "redis_up": self.metrics.redis_up.get() == 1,
             }),
         }
