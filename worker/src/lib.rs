@@ -134,8 +134,11 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<DrainReport, StartError> {
     let metrics = metrics::WorkerMetrics::new(&settings.id);
+    // rustls needs one crypto provider for the process (rediss://); a second install is a no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let link = RedisLink::new(
         &settings.redis.url,
+        &settings.redis.tls,
         Duration::from_millis(settings.redis.reconnect_min_ms),
         Duration::from_millis(settings.redis.reconnect_max_ms),
         metrics.clone(),

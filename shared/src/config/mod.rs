@@ -35,7 +35,7 @@ pub use balancer::{BalancerConfig, Placement};
 pub use error::ConfigError;
 pub use ip_network::IpNetwork;
 pub use location::locate_key;
-pub use redis::RedisConfig;
+pub use redis::{RedisConfig, RedisTlsConfig};
 pub use socketio::{CorsConfig, SocketIoConfig};
 pub use validate::{validate_host_port, validate_redis_url};
 pub use workers::{MAX_WORKERS, WorkersConfig};
@@ -191,6 +191,7 @@ mod tests {
         assert_eq!(cfg.rooms, RoomsConfig::default());
         assert_eq!(cfg.api, ApiConfig::default());
         assert_eq!(cfg.balancer.forward_paths, Vec::<String>::new());
+        assert_eq!(cfg.redis.tls, RedisTlsConfig::default());
     }
 
     #[test]

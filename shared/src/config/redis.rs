@@ -20,6 +20,20 @@ pub struct RedisConfig {
     /// How long a cross-worker request (fetch_sockets, broadcast with ack) waits for peers,
     /// in milliseconds. Default 5000.
     pub request_timeout_ms: u64,
+    /// TLS for a `rediss://` URL.
+    pub tls: RedisTlsConfig,
+}
+
+/// `redis.tls`: how a `rediss://` server's certificate is checked.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// A PEM file of the CA(s) that signed the server's certificate. Default empty: the
+    /// system's trusted roots (a managed Redis with a public certificate).
+    pub ca_file: String,
+    /// Skip verifying the server's certificate and name. Default false; for tests only: it
+    /// lets anyone in the path read and write the fleet's traffic.
+    pub insecure: bool,
 }
 
 impl Default for RedisConfig {
@@ -30,6 +44,7 @@ impl Default for RedisConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 1000,
             request_timeout_ms: 5000,
+            tls: RedisTlsConfig::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, PushInfo, PushKind};
+use shared::config::RedisTlsConfig;
 use shared::{Backoff, Shutdown};
 use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
 use tokio::sync::{Notify, mpsc, watch};
@@ -83,17 +84,40 @@ impl RedisLink {
     /// The URL cannot be understood by the redis client.
     pub fn new(
         url: &str,
+        tls: &RedisTlsConfig,
         backoff_min: Duration,
         backoff_max: Duration,
         metrics: WorkerMetrics,
     ) -> Result<Self, redis::RedisError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        let tls_url = url.starts_with("rediss://");
+        // redis-rs spells "do not verify" as a URL fragment.
+        let with_fragment = if tls_url && tls.insecure && !url.contains('#') {
+            format!("{url}#insecure")
+        } else {
+            url.to_owned()
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(with_fragment.as_str())?;
         let settings = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
         let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info)?;
+        let client = if tls_url && !tls.ca_file.is_empty() && !tls.insecure {
+            let ca = std::fs::read(&tls.ca_file).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "redis.tls.ca_file cannot be read",
+                    format!("{}: {e}", tls.ca_file),
+                ))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            };
+            redis::Client::build_with_tls(info, certs)?
+        } else {
+            redis::Client::open(info)?
+        };
         let (state_tx, _) = watch::channel(LinkState::Connecting(format!(
             "connecting to {}",
             redact(url)
