@@ -4,12 +4,16 @@ Every process is started on a free 127.0.0.1 port and killed when its guard is c
 every wait is bounded (wait_until), never a bare sleep.
 """
 
+import json
 import os
+import queue
 import random
+import shutil
 import socket
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -332,3 +336,73 @@ __all__ = [
     "Balancer", "Client", "Closer", "NODE_DIR", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
     "parse_metrics", "port_open", "wait_until",
 ]
+
+
+class HttpServer:
+    """A small HTTP server on 127.0.0.1 for a test (a web origin, an app's backend): `handler`
+    is a `BaseHTTPRequestHandler` subclass; served from a thread until closed."""
+
+    def __init__(self, handler):
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def origin(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WebSite(HttpServer):
+    """A web origin: serves `files` ({url path: (file, content type)}) and takes the JSON a
+    page POSTs to any path into `reports` (a queue)."""
+
+    def __init__(self, files=None):
+        files = files or {}
+        reports = self.reports = queue.Queue()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.partition("?")[0]
+                if path not in files:
+                    self.send_error(404)
+                    return
+                file, kind = files[path]
+                body = Path(file).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                reports.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler)
+
+
+class Chromium:
+    """Headless Chromium (Debian's `chromium`) showing one page; its output in the test logs."""
+
+    def __init__(self, url, profile):
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium is not installed (tests/run installs it)"
+        self.log = open(LOG_DIR / f"chromium-{Path(profile).name}-{time.monotonic_ns()}.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+             f"--user-data-dir={profile}", url],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()

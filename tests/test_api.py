@@ -8,7 +8,7 @@ import time
 import requests
 
 from fleet_harness import Balancer, Worker, free_port, free_port_range, metric, wait_until
-from test_auth import SECRET, Sock, jwt_auth, token
+from test_auth import Sock, jwt_auth, token
 
 KEY = "api-key-0123456789abcdef"
 

@@ -7,9 +7,8 @@ import hashlib
 import hmac
 import json
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import jwt
 import pytest
@@ -17,7 +16,7 @@ import socketio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from fleet_harness import NODE_DIR, Balancer, free_port, metric, wait_until
+from fleet_harness import NODE_DIR, Balancer, HttpServer, free_port, metric, wait_until
 
 SECRET = "s3cret-that-is-at-least-32-bytes-long!"
 
@@ -256,12 +255,11 @@ def test_client_publish_off_leaves_publishing_to_the_server(closer, tmp_path, re
     assert s.call("publish", {"room": "news", "data": "x"}) == {"ok": False, "error": "forbidden"}
 
 
-class _Backend:
+class _Backend(HttpServer):
     """The app's backend for `auth.mode: proxy`: admits `good-<user>`, 401s `bad`, 403s
     `nope`, answers `slow` after 3 s, `junk` with a broken body; keeps what it was asked."""
 
     def __init__(self):
-        self.port = free_port()
         self.asked = []
         backend = self
 
@@ -295,12 +293,7 @@ class _Backend:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_connect_proxy_admits_refuses_and_never_admits_when_it_cannot_ask(closer, tmp_path, redis):

@@ -2,17 +2,12 @@
 to a worker, then a real headless Chromium loading a page that uses npm's socket.io-client."""
 
 import json
-import queue
-import shutil
-import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import websocket
 
-from fleet_harness import LOG_DIR, NODE_DIR, ROOT, Balancer, Client, free_port, wait_until
+from fleet_harness import NODE_DIR, ROOT, Balancer, Chromium, Client, WebSite, wait_until
 
 APP = "http://127.0.0.1:{port}"
 CORS = "socketio:\n  cors:\n    origins: [{origins}]\n    credentials: {credentials}\n"
@@ -101,84 +96,24 @@ def test_any_origin_and_cors_off(closer, tmp_path, redis):
     assert r.status_code == 204 and "Access-Control-Allow-Origin" not in r.headers
 
 
-class _Site:
-    """A web app's origin: serves the test page and the official client bundle, and takes the
-    page's report on POST /result."""
-
-    FILES = {
+def _site():
+    """A web app's origin: the test page and npm's client bundle."""
+    return WebSite({
         "/page.html": (ROOT / "tests" / "browser" / "page.html", "text/html"),
         "/socket.io.min.js": (NODE_DIR / "node_modules" / "socket.io-client" / "dist" / "socket.io.min.js",
                               "application/javascript"),
-    }
-
-    def __init__(self):
-        self.port = free_port()
-        self.results = queue.Queue()
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path, _, _ = self.path.partition("?")
-                if path not in site.FILES:
-                    self.send_error(404)
-                    return
-                file, kind = site.FILES[path]
-                body = file.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                site.results.put(json.loads(body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def origin(self):
-        return APP.format(port=self.port)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _Chromium:
-    """Headless Chromium showing one page."""
-
-    def __init__(self, url, profile):
-        binary = shutil.which("chromium") or shutil.which("chromium-browser")
-        assert binary, "chromium is not installed (tests/run installs it)"
-        self.log = open(LOG_DIR / f"chromium-{profile.name}.log", "w")
-        self.proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-             f"--user-data-dir={profile}", url],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
+    })
 
 
 def _browse(closer, tmp_path, site, fleet_url, room, name):
     url = f"{site.origin}/page.html?fleet={fleet_url}&room={room}"
-    closer.add(_Chromium(url, tmp_path / f"profile-{name}"))
-    return site.results.get(timeout=60)
+    closer.add(Chromium(url, tmp_path / f"profile-{name}"))
+    return site.reports.get(timeout=60)
 
 
 def test_a_browser_on_another_origin_connects_upgrades_joins_publishes_receives(closer, tmp_path, redis):
-    site = closer.add(_Site())
-    stranger = closer.add(_Site())  # another origin, not listed
+    site = closer.add(_site())
+    stranger = closer.add(_site())  # another origin, not listed
     b = start(closer, tmp_path, redis, [site.origin])
     listener = closer.add(Client(b.url, ["polling", "websocket"])).connect()
     assert listener.call("join", "browser-room")["ok"]

@@ -4,20 +4,15 @@ history agrees whichever worker a client lands on; a kick from /admin reaches an
 kill -9, drain and WebSocket handoff work as for the default worker; the page works in a
 browser through the balancer."""
 
-import json
 import os
-import queue
 import shutil
 import signal
-import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 import socketio
 
-from fleet_harness import BIN_DIR, LOG_DIR, NODE_DIR, ROOT, Balancer, free_port, metric, wait_until
+from fleet_harness import BIN_DIR, NODE_DIR, ROOT, Balancer, Chromium, WebSite, metric, wait_until
 
 ADMIN_KEY = "chat-admin-key-0123456789"
 
@@ -146,31 +141,6 @@ def test_kill_9_drain_and_handoff_as_for_the_default_worker(closer, tmp_path, re
     assert "drained, exiting" in b.output()
 
 
-class _Reports:
-    """Takes the page's report (a no-cors POST from the chat page)."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.got = queue.Queue()
-        reports = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                reports.got.put(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_page_in_a_browser_through_the_balancer(closer, tmp_path, redis):
     static = tmp_path / "static"
     shutil.copytree(ROOT / "apps" / "chat" / "static", static)
@@ -188,21 +158,10 @@ def test_the_page_in_a_browser_through_the_balancer(closer, tmp_path, redis):
     listener.call("join", "lobby")
     listener.call("say", {"room": "lobby", "text": "before the browser"})
 
-    reports = closer.add(_Reports())
-    url = (f"{b.url}/?nick=browser&room=lobby&say=hello+from+chromium"
-           f"&report=http://127.0.0.1:{reports.port}/")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert binary, "chromium is not installed (tests/run installs it)"
-    log = open(LOG_DIR / f"chromium-chat-{reports.port}.log", "w")
-    proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", url],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        result = reports.got.get(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+    reports = closer.add(WebSite())
+    url = f"{b.url}/?nick=browser&room=lobby&say=hello+from+chromium&report={reports.origin}/"
+    closer.add(Chromium(url, tmp_path / "profile"))
+    result = reports.reports.get(timeout=60)
     assert result["ok"] and (result["first"], result["transport"]) == ("polling", "websocket"), result
     assert [l["text"] for l in result["history"]] == ["before the browser"]
     assert result["line"]["nick"] == "browser" and result["line"]["text"] == "hello from chromium"

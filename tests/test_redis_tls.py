@@ -3,7 +3,6 @@ The worker verifies the server's certificate against `redis.tls.ca_file`; a wron
 and said plainly; `insecure: true` skips verification."""
 
 import datetime
-import subprocess
 
 import requests
 from cryptography import x509
@@ -11,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fleet_harness import BIN_DIR, LOG_DIR, Client, Proc, free_port, port_open, wait_until
+from fleet_harness import BIN_DIR, Client, Proc, free_port, port_open, wait_until
 
 
 def _ca(tmp_path, name):

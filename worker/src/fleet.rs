@@ -255,12 +255,13 @@ impl Fleet {
 }
 
 /// Every socket of this worker, in every namespace: one client connected to two namespaces
-/// shares its id, so the ids are counted once.
-pub(crate) fn local_sids(io: &Io) -> std::collections::BTreeSet<String> {
+/// shares its id, so each is counted once. (Ids, not strings: `/readyz` counts them every
+/// probe.)
+pub(crate) fn local_sids(io: &Io) -> std::collections::HashSet<socketioxide::socket::Sid> {
     io.nsps()
         .into_iter()
         .flat_map(|ns| ns.local().sockets())
-        .map(|s| s.id.to_string())
+        .map(|s| s.id)
         .collect()
 }
 

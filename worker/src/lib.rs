@@ -275,7 +275,10 @@ pub async fn run(
     metrics.draining.set(1);
     let report = gate
         .drain(settings.drain_window, || {
-            fleet::local_sids(&io).into_iter().collect()
+            fleet::local_sids(&io)
+                .into_iter()
+                .map(|sid| sid.to_string())
+                .collect()
         })
         .await;
     trigger.trigger();

@@ -38,6 +38,25 @@ async fn readyz(addr: std::net::SocketAddr) -> (String, u64) {
     (status, count.trim().parse().expect("a number"))
 }
 
+/// Opens a long-polling session; the target of its later requests.
+async fn open_polling_session(addr: std::net::SocketAddr) -> String {
+    let open = request(addr, "GET", "/socket.io/?EIO=4&transport=polling", "").await;
+    let sid = open
+        .split("\"sid\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no sid in:\n{open}"))
+        .to_owned();
+    format!("/socket.io/?EIO=4&transport=polling&sid={sid}")
+}
+
+/// Waits until `/readyz` counts `n` sockets (the caller bounds the wait).
+async fn until_counted(addr: std::net::SocketAddr, n: u64) {
+    while readyz(addr).await.1 != n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Not ready (Redis unreachable), the worker still reports its load: 0, then 1 once a
 /// client's socket is connected.
 #[tokio::test]
@@ -58,22 +77,10 @@ async fn readyz_counts_connected_sockets_ready_or_not() {
         assert_eq!(count, 0);
 
         // A long-polling session, then a Socket.IO connect on the main namespace.
-        let open = request(addr, "GET", "/socket.io/?EIO=4&transport=polling", "").await;
-        let sid = open
-            .split("\"sid\":\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_else(|| panic!("no sid in:\n{open}"))
-            .to_owned();
-        let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let target = open_polling_session(addr).await;
         let posted = request(addr, "POST", &target, "40").await;
         assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
-        loop {
-            if readyz(addr).await.1 == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_counted(addr, 1).await;
     })
     .await
     .expect("the worker answered within 10 s");
@@ -90,22 +97,10 @@ async fn an_app_without_the_main_namespace_is_counted_too() {
     tokio::spawn(worker::run(listener, settings, app, std::future::pending()));
     tokio::time::timeout(Duration::from_secs(10), async {
         assert_eq!(readyz(addr).await.1, 0);
-        let open = request(addr, "GET", "/socket.io/?EIO=4&transport=polling", "").await;
-        let sid = open
-            .split("\"sid\":\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_else(|| panic!("no sid in:\n{open}"))
-            .to_owned();
-        let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let target = open_polling_session(addr).await;
         let posted = request(addr, "POST", &target, "40/chat,").await;
         assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
-        loop {
-            if readyz(addr).await.1 == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_counted(addr, 1).await;
         let metrics = request(addr, "GET", "/metrics", "").await;
         assert!(
             metrics.contains("fleet_worker_connections{worker=\"w8\"} 1"),

@@ -56,6 +56,8 @@ pub struct Ctx {
     websocket: bool,
     /// The routed worker failed because it is gone: answered "Session ID unknown".
     session_gone: bool,
+    /// The client's address as routing judged it (`balancer.trusted_proxies` applied).
+    client: Option<std::net::IpAddr>,
     started: Instant,
 }
 
@@ -190,18 +192,16 @@ impl FleetProxy {
 
     /// X-Forwarded-For (see [`routing::forwarded_for`]), X-Forwarded-Proto, and the client's
     /// address as judged here ([`shared::protocol::CLIENT_IP_HEADER`], never the client's own).
-    fn add_forwarded(&self, session: &Session, req: &mut RequestHeader) -> Result<()> {
+    fn add_forwarded(&self, session: &Session, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
         req.remove_header(shared::protocol::CLIENT_IP_HEADER);
         let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) else {
             return Ok(());
         };
-        let xff_in = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let client = routing::client_ip(peer.ip(), xff_in, &self.trusted);
-        req.insert_header(shared::protocol::CLIENT_IP_HEADER, client.to_string())?;
         let peer = peer.ip();
+        // Judged once, by routing (`request`), from the headers as the client sent them.
+        if let Some(client) = ctx.client {
+            req.insert_header(shared::protocol::CLIENT_IP_HEADER, client.to_string())?;
+        }
         let previous = req
             .headers
             .get("x-forwarded-for")
@@ -283,7 +283,7 @@ impl FleetProxy {
         ctx: &mut Ctx,
     ) -> Result<Attempt> {
         let mut req = session.req_header().clone();
-        self.add_forwarded(session, &mut req)?;
+        self.add_forwarded(session, &mut req, ctx)?;
         let label = route.worker.label();
         let channel = (route.carry == Carry::HandOff)
             .then(|| self.handoffs.get(label))
@@ -382,6 +382,7 @@ impl ProxyHttp for FleetProxy {
             body: Vec::new(),
             websocket: false,
             session_gone: false,
+            client: None,
             started: Instant::now(),
         }
     }
@@ -394,6 +395,7 @@ impl ProxyHttp for FleetProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let request = self.request(session);
+        ctx.client = request.client;
         let decision = self.router.route(&request, &self.workers.snapshot());
         let route = match decision {
             Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
@@ -505,9 +507,9 @@ impl ProxyHttp for FleetProxy {
         &self,
         session: &mut Session,
         req: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
-        self.add_forwarded(session, req)
+        self.add_forwarded(session, req, ctx)
     }
 
     async fn response_filter(
