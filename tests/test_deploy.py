@@ -339,7 +339,10 @@ def test_real_prometheus_with_the_shipped_config_finds_every_target(closer, tmp_
     # fleet fires nothing.
     wait_until(lambda: query("job:fleet_worker_connections:sum")[0]["value"][1] == str(len(clients)), 20,
                what="the recording rule job:fleet_worker_connections:sum")
-    assert len(query("instance:process_fds_used:ratio")) == 4  # the balancer and 3 workers
+    # The balancer and 3 workers: each series appears once its target's first scrape has been
+    # through a rule evaluation, which need not be the evaluation that made the one above.
+    wait_until(lambda: len(query("instance:process_fds_used:ratio")) == 4, 20,
+               what="instance:process_fds_used:ratio for the balancer and 3 workers")
     groups = requests.get(f"{api}/rules", timeout=2).json()["data"]["groups"]
     evaluated = [r for g in groups for r in g["rules"]]
     assert len(evaluated) == len(RECORDED) + len(rules("alerts.yml"))
