@@ -8,13 +8,16 @@
 3. `auth.mode: jwt` against `none`: CPU per delivery at the fixed load, and connections per
    second and server CPU per connection in a burst of connects;
 3b. the example chat app (apps/chat) as the workers against the default app: CPU per delivery;
+3c. rooms of two as workers are added (2, 4, 8, 16; Node at 2 and 8): CPU per delivery; and what
+    a room costs Redis (memory, SUBSCRIBE commands) when 100,000 are joined;
 4. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
    requests/s when flooded, and the latency it adds at a fixed load;
 5. (--capacity) how many clients the fleet holds: through one balancer process, and through
    several sharing the public port (SO_REUSEPORT).
 
 Usage: cargo build --release && (cd bench/node && npm ci) && python3 bench/run.py [--quick]
-       [--capacity | --only-capacity | --only-polling | --only-fixed | --only-auth | --only-app]
+       [--capacity | --only-capacity | --only-polling | --only-fixed | --only-auth | --only-app |
+        --only-scale]
        [--json FILE]
 Servers and clients all run on 127.0.0.1; "server" CPU and memory include Redis.
 """
@@ -394,6 +397,95 @@ def own_app(args, results):
     results["own_app"] = out
 
 
+def pairs_scenario(duration):
+    """Rooms of two (1:1 chats): 2,000 WebSocket clients, client i in room i mod 1000, 1,000
+    publishers at 5/s: 10,000 deliveries/s offered."""
+    return ["-c", 2000, "--rooms", 1000, "--publishers", 1000, "--rate", 5, "-d", duration, "--settle", 1,
+            "--connect-rate", 1000, "--connect-timeout", 90, "--transport", "websocket"]
+
+
+def scale(args, results):
+    """Rooms of two at a fixed load as workers are added (fleet at 2, 4, 8, 16 workers; the Node
+    setup at 2 and 8), in alternating rounds, medians: server CPU (balancer, workers, Redis) per
+    delivery. A worker hears only the broadcasts of rooms it holds, so the cost should not grow
+    with the number of workers."""
+    print("== scale: rooms of two", file=sys.stderr)
+    plan = [("fleet", n) for n in args.scale_workers] + [("node", n) for n in args.scale_node_workers]
+    runs = {f"{name}_{n}": [] for name, n in plan}
+    for rnd in range(args.scale_rounds):
+        for name, n in plan:
+            redis = Redis()
+            setup = NodeSetup(redis, n) if name == "node" else Fleet(redis, n)
+            try:
+                runs[f"{name}_{n}"].append(measured_run(lambda: setup.pids() + redis.pids(), setup.url,
+                                                        pairs_scenario(args.scale_duration),
+                                                        f"scale-{name}-{n}-{rnd}",
+                                                        balancer_pids=setup.balancer_pids))
+            finally:
+                setup.stop()
+                redis.stop()
+    results["scale"] = {key: {"median": median_run(rs), "runs": rs} for key, rs in runs.items()}
+
+
+def redis_info(port, section="memory"):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", section], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def room_channels(args, results):
+    """What a room costs Redis, and how fast subscriptions follow joins: one client of a one-worker
+    fleet joins `rooms` rooms as fast as it can send (acks awaited at the end), then leaves them;
+    Redis `used_memory` and SUBSCRIBE/UNSUBSCRIBE command counts before and after."""
+    import socketio
+    print(f"== room channels: {args.room_count} rooms", file=sys.stderr)
+    redis = Redis()
+    fleet = Fleet(redis, 1)
+    try:
+        client = socketio.Client(reconnection=False)
+        client.connect(fleet.url, transports=["websocket"], wait_timeout=10)
+        mem0 = int(redis_info(redis.port)["used_memory"])
+        cmds0 = redis_info(redis.port, "commandstats")
+        acked = threading.Semaphore(0)
+        t0 = time.monotonic()
+        for n in range(args.room_count):
+            client.emit("join", f"room-{n}", callback=lambda *_: acked.release())
+        for _ in range(args.room_count):
+            if not acked.acquire(timeout=60):
+                raise RuntimeError("joins not acknowledged")
+        join_s = time.monotonic() - t0
+        subscribed = int(redis_info(redis.port, "stats")["pubsub_channels"])
+        mem1 = int(redis_info(redis.port)["used_memory"])
+        t1 = time.monotonic()
+        for n in range(args.room_count):
+            client.emit("leave", f"room-{n}", callback=lambda *_: acked.release())
+        for _ in range(args.room_count):
+            acked.acquire(timeout=60)
+        wait_until(lambda: int(redis_info(redis.port, "stats")["pubsub_channels"]) <= 2, 60, what="unsubscribed")
+        leave_s = time.monotonic() - t1
+        cmds1 = redis_info(redis.port, "commandstats")
+        client.disconnect()
+
+        def calls(stats, name):
+            entry = stats.get(f"cmdstat_{name}", "calls=0")
+            return int(entry.split("calls=")[1].split(",")[0])
+
+        per_room = (mem1 - mem0) / args.room_count
+        results["room_channels"] = {
+            "rooms": args.room_count,
+            "channels_subscribed": subscribed,
+            "redis_bytes_per_room": round(per_room),
+            "redis_mb_per_100k_rooms": round(per_room * 100_000 / 2**20, 1),
+            "joins_per_sec": round(args.room_count / join_s),
+            "leaves_per_sec": round(args.room_count / leave_s),
+            "subscribe_commands": calls(cmds1, "subscribe") - calls(cmds0, "subscribe"),
+            "unsubscribe_commands": calls(cmds1, "unsubscribe") - calls(cmds0, "unsubscribe"),
+        }
+    finally:
+        fleet.stop()
+        redis.stop()
+
+
 def connect_phase(server_pids, url, clients, token, name):
     """Connects `clients` as fast as they come (no rate limit) and publishes once: the time and
     server CPU from the generator's start to its "ready" line."""
@@ -555,6 +647,20 @@ def table(results):
         r, c = o["rooms"]["median"], o["chat"]["median"]
         lines.append(f"own app (apps/chat) vs default (medians): CPU per delivery {c['cpu_us_per_delivery']} vs "
                      f"{r['cpu_us_per_delivery']} us; p50/p99 {c['p50_ms']}/{c['p99_ms']} vs {r['p50_ms']}/{r['p99_ms']} ms")
+    sc = results.get("scale")
+    if sc:
+        lines.append(f"{'rooms of two, 10,000 deliveries/s offered':44}{'CPU/delivery us':>17}{'p50 ms':>9}"
+                     f"{'p99 ms':>9}{'delivered/s':>13}{'failures':>10}")
+        for key, r in sc.items():
+            m = r["median"]
+            lines.append(f"{key.replace('_', ' ') + ' workers':44}{m['cpu_us_per_delivery']:>17.1f}{m['p50_ms']:>9}"
+                         f"{m['p99_ms']:>9}{round(m['delivered_per_sec']):>13}{m['failures_all_runs']:>10}")
+    rc = results.get("room_channels")
+    if rc:
+        lines.append(f"room channels: {rc['rooms']} rooms joined at {rc['joins_per_sec']}/s with "
+                     f"{rc['subscribe_commands']} SUBSCRIBE commands, left at {rc['leaves_per_sec']}/s with "
+                     f"{rc['unsubscribe_commands']} UNSUBSCRIBE; Redis {rc['redis_bytes_per_room']} bytes per room "
+                     f"({rc['redis_mb_per_100k_rooms']} MB per 100,000 rooms)")
     for label, c in results.get("capacity", {}).items():
         lines.append(f"capacity, {label}: {c['connected']}/{c['clients']} held, {c['connect_errors']} failed, "
                      f"errors {c['errors'] or 'none'}, {c['kb_per_client']} KB/client server side "
@@ -573,6 +679,8 @@ def main():
     ap.add_argument("--only-fixed", action="store_true",
                     help="only the fixed-load comparison (fleet vs node); the other figures are kept")
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
+    ap.add_argument("--only-scale", action="store_true",
+                    help="only rooms of two as workers are added, and what a room costs Redis")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
@@ -582,6 +690,8 @@ def main():
     args.polling_rate, args.polling_duration, args.polling_rounds = 5, 10, 3
     args.auth_rounds, args.auth_clients = 3, 3000
     args.app_rounds = 3
+    args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4, 8, 16], [2, 8], 3, 15
+    args.room_count = 100_000
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
@@ -589,9 +699,12 @@ def main():
         args.polling_duration, args.polling_rounds = 3, 1
         args.auth_rounds, args.auth_clients = 1, 300
         args.app_rounds = 1
+        args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4], [2], 1, 3
+        args.room_count = 2000
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
-    partial = args.only_capacity or args.only_polling or args.only_fixed or args.only_auth or args.only_app
+    partial = (args.only_capacity or args.only_polling or args.only_fixed or args.only_auth or args.only_app
+               or args.only_scale)
     if partial and Path(args.json).exists():  # one section re-run: the others are kept
         results = {**json.loads(Path(args.json).read_text()), **results}
     if not partial or args.only_fixed:
@@ -602,7 +715,10 @@ def main():
         auth(args, results)
     if not partial or args.only_app:
         own_app(args, results)
-    if not (args.only_capacity or args.only_fixed or args.only_auth or args.only_app):
+    if not partial or args.only_scale:
+        scale(args, results)
+        room_channels(args, results)
+    if not (args.only_capacity or args.only_fixed or args.only_auth or args.only_app or args.only_scale):
         polling(args, results)
     if args.capacity or args.only_capacity:
         capacity(args, results)

@@ -54,6 +54,15 @@ pub const WORKER_AUTH_TOTAL: &str = "fleet_worker_auth_total";
 /// Counter by `action` (`join`, `publish`): client requests outside their permissions.
 pub const WORKER_FORBIDDEN_TOTAL: &str = "fleet_worker_forbidden_total";
 
+/// Gauge: room channels this worker is subscribed to in Redis (rooms with a member here).
+pub const WORKER_ROOMS_SUBSCRIBED: &str = "fleet_worker_rooms_subscribed";
+/// Counter by `kind`: pub/sub messages taken from Redis (`received`), and of the room
+/// broadcasts among them, those handed to members here (`delivered`) and those with nothing to
+/// do here (`ignored`: this worker's own message coming back, or no member left).
+pub const WORKER_PUBSUB_MESSAGES_TOTAL: &str = "fleet_worker_pubsub_messages_total";
+/// Label of [`WORKER_PUBSUB_MESSAGES_TOTAL`].
+pub const LABEL_KIND: &str = "kind";
+
 /// Every worker metric name.
 pub const WORKER_METRICS: &[&str] = &[
     WORKER_CONNECTIONS,
@@ -70,6 +79,8 @@ pub const WORKER_METRICS: &[&str] = &[
     WORKER_DRAINING,
     WORKER_AUTH_TOTAL,
     WORKER_FORBIDDEN_TOTAL,
+    WORKER_ROOMS_SUBSCRIBED,
+    WORKER_PUBSUB_MESSAGES_TOTAL,
 ];
 
 /// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,

@@ -96,6 +96,8 @@ fn on_room(
                     }
                     Ok(room) => {
                         op(&s, room.clone());
+                        // Acknowledged once other workers' broadcasts to the room reach it.
+                        f.settled().await;
                         json!({ "ok": true, "room": room })
                     }
                     Err(why) => refusal(why),

@@ -10,6 +10,7 @@ use serde::Serialize;
 use socketioxide::extract::{AckSender, SocketRef};
 use socketioxide::{BroadcastError, SocketIo};
 
+use crate::adapter::RoomChannels;
 use crate::auth::Grant;
 use crate::metrics::WorkerMetrics;
 use crate::{FleetAdapter, RedisLink};
@@ -81,16 +82,55 @@ pub struct Fleet {
     io: Io,
     metrics: WorkerMetrics,
     link: RedisLink,
+    rooms: RoomChannels,
 }
 
 impl Fleet {
-    pub(crate) fn new(worker_id: &str, io: Io, metrics: WorkerMetrics, link: RedisLink) -> Self {
+    pub(crate) fn new(
+        worker_id: &str,
+        io: Io,
+        metrics: WorkerMetrics,
+        link: RedisLink,
+        rooms: RoomChannels,
+    ) -> Self {
         Fleet {
             worker_id: worker_id.into(),
             io,
             metrics,
             link,
+            rooms,
         }
+    }
+
+    /// Put `socket` in `room` and return once broadcasts to the room from every worker reach
+    /// it. `socket.join(room)` joins at once too, but this worker starts listening to a room's
+    /// broadcasts from other workers when the room gets its first member here, which takes a
+    /// Redis round trip: answer a client's join after this, and a message published right
+    /// after the answer is not missed. (While Redis is away it returns at once; it never waits
+    /// more than 2 s.)
+    ///
+    /// ```
+    /// use worker::socketioxide::extract::Data;
+    /// use worker::{Ack, Fleet, Socket};
+    ///
+    /// let app = |socket: Socket, fleet: &Fleet| {
+    ///     let fleet = fleet.clone();
+    ///     socket.on("join", async move |s: Socket, Data(room): Data<String>, ack: Ack| {
+    ///         fleet.join(&s, room).await;
+    ///         let _ = ack.send("joined");
+    ///     });
+    /// };
+    /// # let _: Box<dyn worker::App> = Box::new(app);
+    /// ```
+    pub async fn join(&self, socket: &Socket, room: impl Into<String>) {
+        socket.join(room.into());
+        self.rooms.settled().await;
+    }
+
+    /// Resolves once every room change of this worker so far is in effect in Redis (see
+    /// [`Fleet::join`]).
+    pub(crate) async fn settled(&self) {
+        self.rooms.settled().await;
     }
 
     /// A connection to the fleet's Redis for the app's own state (history, counters, locks),

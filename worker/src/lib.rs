@@ -21,6 +21,7 @@
 
 // The library's public surface is what an app uses (re-exported below); the modules are the
 // worker's own plumbing.
+mod adapter;
 mod api;
 mod app;
 mod auth;
@@ -46,7 +47,7 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Emitter;
 use socketioxide::extract::TryData;
 use socketioxide::handler::ConnectHandler;
-use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
+use socketioxide_redis::RedisAdapterConfig;
 use tokio::net::{TcpListener, UnixDatagram};
 
 pub use app::RoomsApp;
@@ -63,7 +64,7 @@ pub use socketioxide;
 
 /// The Socket.IO adapter every fleet worker uses: socketioxide-redis over [`RedisLink`]. An
 /// implementation detail: apps name [`Socket`], [`Ack`] and [`Io`] instead.
-pub(crate) type FleetAdapter = CustomRedisAdapter<Emitter, RedisLink>;
+pub(crate) type FleetAdapter = adapter::FleetAdapter<Emitter>;
 
 /// Why a worker could not start.
 ///
@@ -146,7 +147,13 @@ pub async fn run(
     let adapter_config = RedisAdapterConfig::new()
         .with_prefix(settings.redis.prefix.clone())
         .with_request_timeout(Duration::from_millis(settings.redis.request_timeout_ms));
-    let ctr = RedisAdapterCtr::new_with_driver(link.clone(), adapter_config);
+    let (adapter_state, room_applier) = adapter::AdapterState::new(
+        link.clone(),
+        adapter_config,
+        &settings.redis.prefix,
+        metrics.clone(),
+    );
+    let room_channels = adapter_state.rooms().clone();
     let sio = &settings.socketio;
     let (svc, io) = SocketIo::builder()
         .req_path(sio.path.clone())
@@ -155,7 +162,7 @@ pub async fn run(
         .max_payload(sio.max_payload_bytes)
         .max_buffer_size(sio.max_buffer_packets)
         .ws_read_buffer_size(sio.ws_read_buffer_bytes)
-        .with_adapter::<FleetAdapter>(ctr)
+        .with_adapter::<FleetAdapter>(adapter_state)
         .build_svc();
 
     let admission =
@@ -164,7 +171,13 @@ pub async fn run(
         tracing::warn!("auth.mode none: anyone may connect, join and publish any room");
     }
     let registry = Arc::new(conn::ConnRegistry::default());
-    let fleet = Fleet::new(&settings.id, io.clone(), metrics.clone(), link.clone());
+    let fleet = Fleet::new(
+        &settings.id,
+        io.clone(),
+        metrics.clone(),
+        link.clone(),
+        room_channels.clone(),
+    );
     let namespaces = app.namespaces();
     let pages = app.static_dir();
     if namespaces.is_empty() || namespaces.iter().any(|p| !p.starts_with('/')) {
@@ -198,6 +211,9 @@ pub async fn run(
         app.admit(&socket, &fleet).map_err(auth::Refused::app)?;
         bind_websocket_handshake(&ns_registry, &socket);
         app.on_connect(socket, &fleet);
+        // The rooms joined so far (the user's, the app's) hear other workers' broadcasts
+        // before the client is told it is connected.
+        fleet.settled().await;
         Ok(())
     };
     // In its namespace now: the expiry schedule may look it up from here on.
@@ -226,7 +242,13 @@ pub async fn run(
         None
     } else {
         let local = api::Local {
-            fleet: Fleet::new(&settings.id, io.clone(), metrics.clone(), link.clone()),
+            fleet: Fleet::new(
+                &settings.id,
+                io.clone(),
+                metrics.clone(),
+                link.clone(),
+                room_channels.clone(),
+            ),
             readiness: readiness.clone(),
             metrics: metrics.clone(),
         };
@@ -247,6 +269,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     tokio::spawn(link.clone().run(shutdown.clone()));
+    tokio::spawn(room_applier.run(shutdown.clone()));
     tokio::spawn(expiry.run(io.clone(), shutdown.clone()));
     tokio::spawn(probes::event_loop_lag(metrics.clone(), shutdown.clone()));
     tokio::spawn(probes::pubsub_lag(

@@ -16,6 +16,12 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Every metric the worker exports. Cheap to share: the handles are `Arc`s inside.
+/// The `kind`s of `fleet_worker_pubsub_messages_total`: every message taken from Redis, and of
+/// the room broadcasts, those that reached a member here and those with nothing to do here.
+const PUBSUB_RECEIVED: &str = "received";
+const PUBSUB_DELIVERED: &str = "delivered";
+const PUBSUB_IGNORED: &str = "ignored";
+
 #[derive(Clone)]
 pub struct WorkerMetrics {
     registry: Registry,
@@ -47,6 +53,14 @@ pub struct WorkerMetrics {
     pub auth: IntCounterVec,
     /// Client requests refused by their permissions, by action.
     pub forbidden: IntCounterVec,
+    /// Room channels subscribed in Redis.
+    pub rooms_subscribed: IntGauge,
+    /// Pub/sub messages from Redis, by what became of them.
+    pub pubsub_messages: IntCounterVec,
+    /// Its series, resolved once: they are counted per message.
+    pub pubsub_received: IntCounter,
+    pub pubsub_delivered: IntCounter,
+    pub pubsub_ignored: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -58,6 +72,14 @@ impl WorkerMetrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
                 .expect("static histogram opts are valid")
         };
+        let pubsub_messages = IntCounterVec::new(
+            Opts::new(
+                names::WORKER_PUBSUB_MESSAGES_TOTAL,
+                "Pub/sub messages from Redis by what became of them",
+            ),
+            &[names::LABEL_KIND],
+        )
+        .unwrap();
         let m = WorkerMetrics {
             connections: IntGauge::new(names::WORKER_CONNECTIONS, "Connected sockets").unwrap(),
             events: IntCounterVec::new(
@@ -110,6 +132,15 @@ impl WorkerMetrics {
                 &[names::LABEL_ACTION],
             )
             .unwrap(),
+            rooms_subscribed: IntGauge::new(
+                names::WORKER_ROOMS_SUBSCRIBED,
+                "Room channels subscribed in Redis",
+            )
+            .unwrap(),
+            pubsub_received: pubsub_messages.with_label_values(&[PUBSUB_RECEIVED]),
+            pubsub_delivered: pubsub_messages.with_label_values(&[PUBSUB_DELIVERED]),
+            pubsub_ignored: pubsub_messages.with_label_values(&[PUBSUB_IGNORED]),
+            pubsub_messages,
             registry,
         };
         m.register_all();
@@ -125,6 +156,7 @@ impl WorkerMetrics {
         ] {
             m.forbidden.with_label_values(&[action]);
         }
+
         m
     }
 
@@ -144,6 +176,8 @@ impl WorkerMetrics {
             Box::new(self.draining.clone()),
             Box::new(self.auth.clone()),
             Box::new(self.forbidden.clone()),
+            Box::new(self.rooms_subscribed.clone()),
+            Box::new(self.pubsub_messages.clone()),
         ];
         for c in collectors {
             // Names are distinct constants, so registration cannot collide.

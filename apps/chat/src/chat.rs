@@ -67,7 +67,7 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
                 s.leave(nick_room(&old));
             }
             s.extensions.insert(Nick(name.clone()));
-            s.join(nick_room(&name));
+            f.join(&s, nick_room(&name)).await;
             if let Some(mut redis) = f.redis() {
                 let key = nick_key(&s.id.to_string());
                 let _: Result<(), _> = redis.set_ex(key, &name, NICK_TTL).await;
@@ -90,7 +90,7 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
             if s.rooms().len() > MAX_ROOMS {
                 return reply(ack, refusal("in too many rooms: leave one first"));
             }
-            s.join(room.clone());
+            f.join(&s, room.clone()).await;
             let history = history::lines(&f, &room).await;
             reply(ack, json!({ "ok": true, "room": room, "history": history }));
         },

@@ -2,4 +2,4 @@
 
 mod reconnecting;
 
-pub use reconnecting::{LinkState, RedisLink};
+pub use reconnecting::{LinkState, RedisLink, Route, Sink};

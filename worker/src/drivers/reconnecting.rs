@@ -45,7 +45,23 @@ pub enum LinkError {
     Timeout,
 }
 
-type Handlers = HashMap<String, mpsc::Sender<ChanItem>>;
+/// Where one channel's messages go.
+#[derive(Clone)]
+pub enum Route {
+    /// The adapter's queue (its request and response channels).
+    Queue(mpsc::Sender<ChanItem>),
+    /// A function run as the message arrives, on the connection's reader: room broadcasts,
+    /// delivered without a task hop each.
+    Inline(Sink),
+}
+
+/// A function given each message of a channel: `(channel, payload)`.
+pub type Sink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
+/// How many channels one SUBSCRIBE or UNSUBSCRIBE names at most.
+const CHANNELS_PER_COMMAND: usize = 1000;
+
+type Handlers = HashMap<String, Route>;
 
 struct Inner {
     client: redis::Client,
@@ -236,13 +252,11 @@ impl RedisLink {
             *self.inner.conn.lock().unwrap() = Some(conn.clone());
             handlers.keys().cloned().collect()
         };
-        if !channels.is_empty() {
-            let mut c = conn.clone();
-            with_timeout(c.subscribe(&channels))
-                .await
-                .inspect_err(|_| {
-                    *self.inner.conn.lock().unwrap() = None;
-                })?;
+        let mut c = conn.clone();
+        for batch in channels.chunks(CHANNELS_PER_COMMAND) {
+            with_timeout(c.subscribe(batch)).await.inspect_err(|_| {
+                *self.inner.conn.lock().unwrap() = None;
+            })?;
         }
         Ok(())
     }
@@ -271,6 +285,46 @@ impl RedisLink {
     fn suspect(&self) {
         self.inner.broken.notify_one();
     }
+
+    /// Listen to `channels`, each message going to `route`, in as few commands as possible.
+    /// Returns once Redis confirmed them, or at once while Redis is away (the next connection
+    /// subscribes them: they are wanted from now on).
+    pub async fn subscribe_many(&self, channels: &[String], route: &Route) {
+        let conn = {
+            let mut handlers = self.inner.handlers.write().unwrap();
+            for chan in channels {
+                handlers.insert(chan.clone(), route.clone());
+            }
+            self.connection()
+        };
+        let Some(mut conn) = conn else { return };
+        for batch in channels.chunks(CHANNELS_PER_COMMAND) {
+            if let Err(e) = with_timeout(conn.subscribe(batch)).await {
+                tracing::debug!("subscribe failed, will renew on reconnect: {e}");
+                self.suspect();
+                return;
+            }
+        }
+    }
+
+    /// Stop listening to `channels` (best effort: a stale subscription only brings messages
+    /// that find no route).
+    pub async fn unsubscribe_many(&self, channels: &[String]) {
+        let conn = {
+            let mut handlers = self.inner.handlers.write().unwrap();
+            for chan in channels {
+                handlers.remove(chan);
+            }
+            self.connection()
+        };
+        let Some(mut conn) = conn else { return };
+        for batch in channels.chunks(CHANNELS_PER_COMMAND) {
+            if with_timeout(conn.unsubscribe(batch)).await.is_err() {
+                self.suspect();
+                return;
+            }
+        }
+    }
 }
 
 async fn with_timeout<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, LinkError> {
@@ -295,11 +349,19 @@ fn route_push(inner: &Inner, push: PushInfo) {
                 tracing::warn!("malformed pub/sub message from redis");
                 return;
             };
-            if let Some(tx) = inner.handlers.read().unwrap().get(&chan)
-                && let Err(e) = tx.try_send((chan, payload))
-            {
-                // The adapter's buffer (stream_buffer) is full: the message is lost, say so.
-                tracing::warn!("pub/sub message dropped, handler queue full: {e}");
+            inner.metrics.pubsub_received.inc();
+            // Cloned out of the lock: an inline delivery must not hold up (un)subscribing.
+            let route = inner.handlers.read().unwrap().get(&chan).cloned();
+            match route {
+                Some(Route::Queue(tx)) => {
+                    if let Err(e) = tx.try_send((chan, payload)) {
+                        // The adapter's buffer (stream_buffer) is full: the message is lost.
+                        tracing::warn!("pub/sub message dropped, handler queue full: {e}");
+                    }
+                }
+                Some(Route::Inline(sink)) => sink(&chan, &payload),
+                // Unsubscribed meanwhile.
+                None => inner.metrics.pubsub_ignored.inc(),
             }
         }
         PushKind::Disconnection => inner.broken.notify_one(),
@@ -346,7 +408,7 @@ impl Driver for RedisLink {
         let (tx, rx) = mpsc::channel(size);
         let conn = {
             let mut handlers = self.inner.handlers.write().unwrap();
-            handlers.insert(chan.clone(), tx);
+            handlers.insert(chan.clone(), Route::Queue(tx));
             self.connection()
         };
         // While down, the next connection subscribes it; a failure here is repaired the same way.
