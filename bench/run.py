@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,7 @@ class Fleet:
     extra balancers, which spawn nothing, always relay."""
 
     def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml="",
-                 command=None):
+                 command=None, placement=None):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -139,14 +140,24 @@ class Fleet:
                 f"  handoff: {'true' if handoff else 'false'}\n"
                 + (f"  command: [{command}]\n" if command else "") +
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
-                f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n" + extra_yaml)
+                f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n"
+                + (f"  placement: {placement}\n" if placement else "") + extra_yaml)
             self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
             if i == 0:
                 for w in range(workers):
                     wait_port(self.base + w)
             wait_port(metrics)
+            self.wait_all_up(metrics)
         wait_port(self.port)
-        time.sleep(2.5)  # two health-check rounds: every worker in placement
+
+    def wait_all_up(self, metrics_port):
+        """Every worker in placement, as the balancer itself reports (a worker not yet up gets no
+        clients, and the run would measure fewer workers than it says)."""
+        def up():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
+            return sum(1 for line in text.splitlines()
+                       if line.startswith("fleet_balancer_worker_up{") and line.endswith(" 1")) == self.workers
+        wait_until(up, 60, what=f"{self.workers} workers up")
 
     url = property(lambda self: f"http://127.0.0.1:{self.port}")
     worker_urls = property(lambda self: ",".join(f"http://127.0.0.1:{self.base + i}" for i in range(self.workers)))
@@ -401,21 +412,23 @@ def pairs_scenario(duration):
     """Rooms of two (1:1 chats): 2,000 WebSocket clients, client i in room i mod 1000, 1,000
     publishers at 5/s: 10,000 deliveries/s offered."""
     return ["-c", 2000, "--rooms", 1000, "--publishers", 1000, "--rate", 5, "-d", duration, "--settle", 1,
-            "--connect-rate", 1000, "--connect-timeout", 90, "--transport", "websocket"]
+            "--connect-rate", 500, "--connect-timeout", 90, "--transport", "websocket"]
 
 
 def scale(args, results):
     """Rooms of two at a fixed load as workers are added (fleet at 2, 4, 8, 16 workers; the Node
     setup at 2 and 8), in alternating rounds, medians: server CPU (balancer, workers, Redis) per
     delivery. A worker hears only the broadcasts of rooms it holds, so the cost should not grow
-    with the number of workers."""
+    with the number of workers. The fleet places clients at random, so a room's two members
+    share a worker with probability 1/workers, as when they arrive independently (all clients
+    come from one address here: hashing it would fill workers one after another)."""
     print("== scale: rooms of two", file=sys.stderr)
     plan = [("fleet", n) for n in args.scale_workers] + [("node", n) for n in args.scale_node_workers]
     runs = {f"{name}_{n}": [] for name, n in plan}
     for rnd in range(args.scale_rounds):
         for name, n in plan:
             redis = Redis()
-            setup = NodeSetup(redis, n) if name == "node" else Fleet(redis, n)
+            setup = NodeSetup(redis, n) if name == "node" else Fleet(redis, n, placement="random")
             try:
                 runs[f"{name}_{n}"].append(measured_run(lambda: setup.pids() + redis.pids(), setup.url,
                                                         pairs_scenario(args.scale_duration),
@@ -435,8 +448,9 @@ def redis_info(port, section="memory"):
 
 def room_channels(args, results):
     """What a room costs Redis, and how fast subscriptions follow joins: one client of a one-worker
-    fleet joins `rooms` rooms as fast as it can send (acks awaited at the end), then leaves them;
-    Redis `used_memory` and SUBSCRIBE/UNSUBSCRIBE command counts before and after."""
+    fleet joins `rooms` rooms, 100 joins in flight (a socket's send buffer holds 128 packets, acks
+    included), then leaves them; Redis `used_memory` and SUBSCRIBE/UNSUBSCRIBE command counts
+    before and after."""
     import socketio
     print(f"== room channels: {args.room_count} rooms", file=sys.stderr)
     redis = Redis()
@@ -444,24 +458,31 @@ def room_channels(args, results):
     try:
         client = socketio.Client(reconnection=False)
         client.connect(fleet.url, transports=["websocket"], wait_timeout=10)
+        channels = lambda: int(redis_info(redis.port, "stats")["pubsub_channels"])  # noqa: E731
+        channels0 = channels()
         mem0 = int(redis_info(redis.port)["used_memory"])
         cmds0 = redis_info(redis.port, "commandstats")
-        acked = threading.Semaphore(0)
+        window = threading.Semaphore(100)
+
+        def all_of(event):
+            for n in range(args.room_count):
+                if not window.acquire(timeout=30):
+                    raise RuntimeError(f"{event}s not acknowledged")
+                client.emit(event, f"room-{n}", callback=lambda *_: window.release())
+            for _ in range(100):
+                if not window.acquire(timeout=30):
+                    raise RuntimeError(f"{event}s not acknowledged")
+            for _ in range(100):
+                window.release()
+
         t0 = time.monotonic()
-        for n in range(args.room_count):
-            client.emit("join", f"room-{n}", callback=lambda *_: acked.release())
-        for _ in range(args.room_count):
-            if not acked.acquire(timeout=60):
-                raise RuntimeError("joins not acknowledged")
+        all_of("join")
         join_s = time.monotonic() - t0
-        subscribed = int(redis_info(redis.port, "stats")["pubsub_channels"])
+        subscribed = channels() - channels0
         mem1 = int(redis_info(redis.port)["used_memory"])
         t1 = time.monotonic()
-        for n in range(args.room_count):
-            client.emit("leave", f"room-{n}", callback=lambda *_: acked.release())
-        for _ in range(args.room_count):
-            acked.acquire(timeout=60)
-        wait_until(lambda: int(redis_info(redis.port, "stats")["pubsub_channels"]) <= 2, 60, what="unsubscribed")
+        all_of("leave")
+        wait_until(lambda: channels() == channels0, 60, what="unsubscribed")
         leave_s = time.monotonic() - t1
         cmds1 = redis_info(redis.port, "commandstats")
         client.disconnect()
@@ -682,8 +703,12 @@ def main():
     ap.add_argument("--only-scale", action="store_true",
                     help="only rooms of two as workers are added, and what a room costs Redis")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scale-workers", help="scale: the fleet's worker counts, comma-separated (2,4,8,16)")
+    ap.add_argument("--scale-node-workers", help="scale: the Node setup's worker counts (2,8); 0 for none")
+    ap.add_argument("--scale-rounds", type=int, help="scale: alternating rounds (3)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
+    given = {k: getattr(args, k) for k in ("scale_workers", "scale_node_workers", "scale_rounds")}
     args.rate, args.duration, args.step_duration, args.tax_rates = 20, 15, 8, [20, 100]
     args.idle_clients, args.rates = 10_000, [20, 50, 100, 200, 400]
     args.cap_one, args.cap_many = 9_500, 40_000
@@ -701,6 +726,9 @@ def main():
         args.app_rounds = 1
         args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4], [2], 1, 3
         args.room_count = 2000
+    for key, value in given.items():
+        if value is not None:
+            setattr(args, key, value if key == "scale_rounds" else [int(n) for n in value.split(",") if int(n) > 0])
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
     partial = (args.only_capacity or args.only_polling or args.only_fixed or args.only_auth or args.only_app

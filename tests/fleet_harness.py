@@ -188,7 +188,7 @@ class Balancer(Proc):
     """`balancer --config FILE` with a fleet file written for this test."""
 
     def __init__(self, tmp_path, redis_url, count=3, spawn=True, base_port=None, extra="", name="bal", port=None,
-                 env=None):
+                 env=None, redis_yaml=""):
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.base_port = base_port or free_port_range(count)
@@ -197,7 +197,7 @@ class Balancer(Proc):
         self.config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"metrics_listen: 127.0.0.1:{self.metrics_port}\n"
-            f"redis:\n  url: {redis_url}\n"
+            f"redis:\n  url: {redis_url}\n" + redis_yaml +
             f"workers:\n  count: {count}\n  host: 127.0.0.1\n  base_port: {self.base_port}\n"
             f"  spawn: {'true' if spawn else 'false'}\n  drain_window_secs: 2\n" + extra
         )

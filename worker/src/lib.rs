@@ -137,13 +137,7 @@ pub async fn run(
     let metrics = metrics::WorkerMetrics::new(&settings.id);
     // rustls needs one crypto provider for the process (rediss://); a second install is a no-op.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let link = RedisLink::new(
-        &settings.redis.url,
-        &settings.redis.tls,
-        Duration::from_millis(settings.redis.reconnect_min_ms),
-        Duration::from_millis(settings.redis.reconnect_max_ms),
-        metrics.clone(),
-    )?;
+    let link = RedisLink::new(&settings.redis, metrics.clone())?;
     let adapter_config = RedisAdapterConfig::new()
         .with_prefix(settings.redis.prefix.clone())
         .with_request_timeout(Duration::from_millis(settings.redis.request_timeout_ms));

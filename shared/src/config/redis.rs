@@ -22,6 +22,29 @@ pub struct RedisConfig {
     pub request_timeout_ms: u64,
     /// TLS for a `rediss://` URL.
     pub tls: RedisTlsConfig,
+    /// Redis Sentinel: the master is asked of these sentinels, and asked again after a
+    /// failover. The URL still gives the scheme (`rediss://` = TLS), the ACL user and password
+    /// and the database of the master; its host is not used.
+    pub sentinel: SentinelConfig,
+    /// Seed nodes (`host:port`) of a Redis Cluster. Default none.
+    pub cluster: Vec<String>,
+}
+
+/// `redis.sentinel`: which master, named to which sentinels.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    pub master: String,
+    /// The sentinels, `host:port` or `user:password@host:port` each.
+    pub nodes: Vec<String>,
+}
+
+impl SentinelConfig {
+    /// Whether Sentinel is in use.
+    pub fn is_set(&self) -> bool {
+        !self.nodes.is_empty() || !self.master.is_empty()
+    }
 }
 
 /// `redis.tls`: how a `rediss://` server's certificate is checked.
@@ -45,6 +68,8 @@ impl Default for RedisConfig {
             reconnect_max_ms: 1000,
             request_timeout_ms: 5000,
             tls: RedisTlsConfig::default(),
+            sentinel: SentinelConfig::default(),
+            cluster: Vec::new(),
         }
     }
 }

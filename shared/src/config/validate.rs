@@ -179,6 +179,52 @@ fn redis(r: &RedisConfig) -> Result<(), Refusal> {
     if r.request_timeout_ms == 0 {
         return Err(("redis.request_timeout_ms", "must be at least 1".into()));
     }
+    if r.sentinel.is_set() {
+        if r.sentinel.master.is_empty() {
+            return Err((
+                "redis.sentinel.master",
+                "names the master the sentinels monitor; it must be set with redis.sentinel.nodes"
+                    .into(),
+            ));
+        }
+        if r.sentinel.nodes.is_empty() {
+            return Err((
+                "redis.sentinel.nodes",
+                "must list at least one sentinel (host:port)".into(),
+            ));
+        }
+        for node in &r.sentinel.nodes {
+            validate_node(node).map_err(|m| ("redis.sentinel.nodes", m))?;
+        }
+    }
+    if !r.cluster.is_empty() {
+        if r.sentinel.is_set() {
+            return Err((
+                "redis.cluster",
+                "a Redis Cluster has no sentinels: set redis.cluster or redis.sentinel, not both"
+                    .into(),
+            ));
+        }
+        for node in &r.cluster {
+            validate_node(node).map_err(|m| ("redis.cluster", m))?;
+        }
+        return Err((
+            "redis.cluster",
+            "Redis Cluster is not supported by this version yet: use redis.url (standalone, \
+             rediss:// for TLS) or redis.sentinel"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A node of a sentinel or cluster list: `host:port`, optionally `user:password@` before.
+fn validate_node(node: &str) -> Result<(), String> {
+    let url = url::Url::parse(&format!("redis://{node}"))
+        .map_err(|e| format!("{node:?} is not host:port ({e})"))?;
+    if url.host_str().is_none_or(str::is_empty) || url.port().is_none() || url.path().len() > 1 {
+        return Err(format!("{node:?} is not host:port"));
+    }
     Ok(())
 }
 
@@ -376,6 +422,38 @@ mod tests {
             let err = FleetConfig::from_yaml_str(&text).unwrap_err();
             assert_eq!(err.key.as_deref(), Some("redis.url"), "{bad}: {err}");
             assert_eq!(err.line, Some(4), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn sentinel_and_cluster_are_checked() {
+        let ok = FleetConfig::from_yaml_str(
+            "redis:\n  sentinel: {master: mymaster, nodes: [\"10.0.0.1:26379\", \"u:p@10.0.0.2:26379\"]}\n",
+        )
+        .unwrap();
+        assert_eq!(ok.redis.sentinel.nodes.len(), 2);
+        for (yaml, key) in [
+            (
+                "redis:\n  sentinel: {nodes: [\"h:1\"]}\n",
+                "redis.sentinel.master",
+            ),
+            ("redis:\n  sentinel: {master: m}\n", "redis.sentinel.nodes"),
+            (
+                "redis:\n  sentinel: {master: m, nodes: [h]}\n",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "redis:\n  sentinel: {master: m, nodes: [\"h:1/0\"]}\n",
+                "redis.sentinel.nodes",
+            ),
+            (
+                "redis:\n  cluster: [\"h:1\"]\n  sentinel: {master: m, nodes: [\"h:2\"]}\n",
+                "redis.cluster",
+            ),
+            ("redis:\n  cluster: [\"no port\"]\n", "redis.cluster"),
+        ] {
+            let err = FleetConfig::from_yaml_str(yaml).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{yaml}: {err}");
         }
     }
 

@@ -3,6 +3,10 @@
 //! Invariants: the set of wanted subscriptions lives here, not in the connection, so every new
 //! connection re-subscribes to all of it; a publish never fails towards the adapter, so local
 //! delivery happens even while Redis is away (the stock adapter drops it on a publish error).
+//!
+//! Publishes go out through one queue, in order, as pipelines: those made while the previous
+//! pipeline was in flight (or in the same turn of the runtime) share one write and one read,
+//! for this worker and for Redis, instead of a round trip each. Nobody waits for them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,11 +15,12 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, PushInfo, PushKind};
-use shared::config::RedisTlsConfig;
+use shared::config::RedisConfig;
 use shared::{Backoff, Shutdown};
 use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::target::Target;
 use crate::metrics::WorkerMetrics;
 
 /// How long one command may take before the link is presumed dead.
@@ -60,11 +65,17 @@ pub type Sink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
 /// How many channels one SUBSCRIBE or UNSUBSCRIBE names at most.
 const CHANNELS_PER_COMMAND: usize = 1000;
+/// How many PUBLISH commands one pipeline carries at most.
+const PUBLISHES_PER_PIPELINE: usize = 512;
+/// Publishes waiting for Redis beyond this are dropped (and counted): Redis is too slow.
+const OUTBOX: usize = 65_536;
 
 type Handlers = HashMap<String, Route>;
+/// A message for a channel, on its way to Redis.
+type Publish = (String, Vec<u8>);
 
 struct Inner {
-    client: redis::Client,
+    target: Target,
     url_for_logs: String,
     /// Wanted subscriptions: channel → where its messages go. Survives reconnections.
     /// The same lock orders "snapshot for re-subscribe" against "add one", see `subscribe`.
@@ -76,6 +87,9 @@ struct Inner {
     state_tx: watch::Sender<LinkState>,
     metrics: WorkerMetrics,
     backoff: (Duration, Duration),
+    /// Publishes on their way to Redis; the receiver is taken by `run`.
+    outbox: mpsc::Sender<Publish>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Publish>>>,
 }
 
 /// The shared handle: the adapter's driver, and what probes use to talk to Redis.
@@ -93,62 +107,34 @@ impl fmt::Debug for RedisLink {
 }
 
 impl RedisLink {
-    /// A link to `url` (RESP3 is forced: pub/sub pushes need it). Nothing connects until
-    /// [`RedisLink::run`] is spawned.
+    /// A link to the Redis `config` names (RESP3 is forced: pub/sub pushes need it).
+    /// Nothing connects until [`RedisLink::run`] is spawned.
     ///
     /// # Errors
-    /// The URL cannot be understood by the redis client.
-    pub fn new(
-        url: &str,
-        tls: &RedisTlsConfig,
-        backoff_min: Duration,
-        backoff_max: Duration,
-        metrics: WorkerMetrics,
-    ) -> Result<Self, redis::RedisError> {
-        let tls_url = url.starts_with("rediss://");
-        // redis-rs spells "do not verify" as a URL fragment.
-        let with_fragment = if tls_url && tls.insecure && !url.contains('#') {
-            format!("{url}#insecure")
-        } else {
-            url.to_owned()
-        };
-        let info = redis::IntoConnectionInfo::into_connection_info(with_fragment.as_str())?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
-        let client = if tls_url && !tls.ca_file.is_empty() && !tls.insecure {
-            let ca = std::fs::read(&tls.ca_file).map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "redis.tls.ca_file cannot be read",
-                    format!("{}: {e}", tls.ca_file),
-                ))
-            })?;
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca),
-            };
-            redis::Client::build_with_tls(info, certs)?
-        } else {
-            redis::Client::open(info)?
-        };
+    /// The URL or a node cannot be understood, or the CA file cannot be read.
+    pub fn new(config: &RedisConfig, metrics: WorkerMetrics) -> Result<Self, redis::RedisError> {
+        let target = Target::new(config)?;
+        let url_for_logs = target.describe(config);
         let (state_tx, _) = watch::channel(LinkState::Connecting(format!(
-            "connecting to {}",
-            redact(url)
+            "connecting to {url_for_logs}"
         )));
         metrics.redis_up.set(0);
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
         Ok(RedisLink {
             inner: Arc::new(Inner {
-                client,
-                url_for_logs: redact(url),
+                target,
+                url_for_logs,
                 handlers: RwLock::new(HashMap::new()),
                 conn: Mutex::new(None),
                 broken: Notify::new(),
                 state_tx,
                 metrics,
-                backoff: (backoff_min, backoff_max),
+                backoff: (
+                    Duration::from_millis(config.reconnect_min_ms),
+                    Duration::from_millis(config.reconnect_max_ms),
+                ),
+                outbox,
+                outbox_rx: Mutex::new(Some(outbox_rx)),
             }),
         })
     }
@@ -166,6 +152,9 @@ impl RedisLink {
     /// Keep the link up until shutdown: connect, re-subscribe everything, watch for breakage,
     /// and start over with capped backoff.
     pub async fn run(self, mut shutdown: Shutdown) {
+        if let Some(outbox) = self.inner.outbox_rx.lock().unwrap().take() {
+            tokio::spawn(self.clone().send_publishes(outbox, shutdown.clone()));
+        }
         let (min, max) = self.inner.backoff;
         let mut backoff = Backoff::new(min, max);
         let mut ever_up = false;
@@ -240,9 +229,8 @@ impl RedisLink {
                 }
                 Ok::<(), std::convert::Infallible>(())
             });
-        let conn = self
-            .inner
-            .client
+        let client = self.inner.target.client().await?;
+        let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         // Publish the connection and snapshot the wanted channels under the handlers lock:
@@ -274,9 +262,55 @@ impl RedisLink {
             let Some(mut conn) = self.connection() else {
                 return "connection dropped".into();
             };
-            let ping = redis::cmd("PING");
-            if let Err(e) = with_timeout(ping.query_async::<String>(&mut conn)).await {
-                return format!("ping failed: {e}");
+            if self.inner.target.follows_failovers() {
+                // A failover can demote the server without closing the connection.
+                match with_timeout(redis::cmd("ROLE").query_async::<redis::Value>(&mut conn)).await
+                {
+                    Ok(role) if is_master(&role) => {}
+                    Ok(_) => return "the server is no longer the master (failover)".into(),
+                    Err(e) => return format!("ROLE failed: {e}"),
+                }
+            } else {
+                let ping = redis::cmd("PING");
+                if let Err(e) = with_timeout(ping.query_async::<String>(&mut conn)).await {
+                    return format!("ping failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Send queued publishes, in order, a pipeline at a time, until shutdown.
+    async fn send_publishes(self, mut outbox: mpsc::Receiver<Publish>, mut shutdown: Shutdown) {
+        let failures = &self.inner.metrics.redis_publish_failures;
+        loop {
+            let first = tokio::select! {
+                m = outbox.recv() => match m {
+                    Some(m) => m,
+                    None => return,
+                },
+                _ = shutdown.recv() => return,
+            };
+            // Publishes made in this turn of the runtime (other clients' frames read in the
+            // same wake-up) go with it.
+            tokio::task::yield_now().await;
+            let mut pipe = redis::pipe();
+            pipe.cmd("PUBLISH").arg(first.0).arg(first.1).ignore();
+            let mut count = 1;
+            while count < PUBLISHES_PER_PIPELINE {
+                let Ok((chan, payload)) = outbox.try_recv() else {
+                    break;
+                };
+                pipe.cmd("PUBLISH").arg(chan).arg(payload).ignore();
+                count += 1;
+            }
+            let Some(mut conn) = self.connection() else {
+                failures.inc_by(count as u64);
+                continue;
+            };
+            if let Err(e) = with_timeout(pipe.query_async::<()>(&mut conn)).await {
+                failures.inc_by(count as u64);
+                tracing::debug!("publish failed: {e}");
+                self.suspect();
             }
         }
     }
@@ -369,33 +403,25 @@ fn route_push(inner: &Inner, push: PushInfo) {
     }
 }
 
-/// Hide a password in a URL before it reaches a log line or `/readyz`.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
+/// Whether a `ROLE` answer is a master's (`["master", offset, replicas]`).
+fn is_master(role: &redis::Value) -> bool {
+    let first = match role {
+        redis::Value::Array(items) => items.first(),
+        _ => None,
+    };
+    matches!(first, Some(redis::Value::BulkString(b)) if b == b"master")
+        || matches!(first, Some(redis::Value::SimpleString(s)) if s == "master")
 }
 
 impl Driver for RedisLink {
     type Error = LinkError;
 
-    /// Never fails: while Redis is away the message is counted as lost for other workers and
-    /// the adapter goes on to deliver it locally.
+    /// Queues the message for Redis and returns (see the module doc). Never fails: while
+    /// Redis is away the message is counted as lost for other workers and the adapter goes on
+    /// to deliver it locally.
     async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
-        let Some(mut conn) = self.connection() else {
+        if self.connection().is_none() || self.inner.outbox.try_send((chan, val)).is_err() {
             self.inner.metrics.redis_publish_failures.inc();
-            return Ok(());
-        };
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(chan).arg(val);
-        if let Err(e) = with_timeout(publish.query_async::<i64>(&mut conn)).await {
-            self.inner.metrics.redis_publish_failures.inc();
-            tracing::debug!("publish failed: {e}");
-            self.suspect();
         }
         Ok(())
     }
@@ -454,8 +480,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redact_hides_password_only() {
-        assert_eq!(redact("redis://:secret@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    fn only_a_master_role_is_master() {
+        let role = |r: &str| redis::Value::Array(vec![redis::Value::BulkString(r.into())]);
+        assert!(is_master(&role("master")));
+        assert!(!is_master(&role("slave")));
+        assert!(!is_master(&redis::Value::Nil));
     }
 }
