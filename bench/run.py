@@ -43,7 +43,8 @@ BIN = Path(os.environ.get("FLEET_BIN_DIR", ROOT / "target" / "release"))
 NODE_SERVER = ROOT / "bench" / "node" / "server.js"
 TICK = os.sysconf("SC_CLK_TCK")
 sys.path.insert(0, str(ROOT / "tests"))
-from fleet_harness import free_port, free_port_range as free_ports, port_open, wait_until  # noqa: E402
+from fleet_harness import (free_port, free_port_range as free_ports, free_port_with_bus, port_open,  # noqa: E402
+                           wait_until)
 LOGS = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
 
 
@@ -126,7 +127,7 @@ class Fleet:
     extra balancers, which spawn nothing, always relay."""
 
     def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml="",
-                 command=None, placement=None):
+                 command=None, placement=None, redis_yaml=""):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -135,7 +136,7 @@ class Fleet:
             cfg = LOGS / f"fleet-{self.port}-{i}.yaml"
             cfg.write_text(
                 f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{metrics}\n"
-                f"redis:\n  url: {redis.url}\n"
+                f"redis:\n  url: {redis.url}\n" + redis_yaml +
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
                 f"  handoff: {'true' if handoff else 'false'}\n"
                 + (f"  command: [{command}]\n" if command else "") +
@@ -437,11 +438,80 @@ def scale(args, results):
             finally:
                 setup.stop()
                 redis.stop()
-    results["scale"] = {key: {"median": median_run(rs), "runs": rs} for key, rs in runs.items()}
+    if runs:
+        results["scale"] = {key: {"median": median_run(rs), "runs": rs} for key, rs in runs.items()}
+
+
+class RedisCluster:
+    """`masters` redis-server processes in cluster mode, no replicas, joined by `redis-cli --cluster
+    create`."""
+
+    def __init__(self, masters):
+        self.dir = Path(tempfile.mkdtemp(prefix="fleet-cluster-"))
+        self.ports = [free_port_with_bus() for _ in range(masters)]
+        self.procs = [Proc(f"redis-cluster-{p}", [
+            "redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.dir), "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf"])
+            for p in self.ports]
+        for p in self.ports:
+            wait_port(p)
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-yes"], capture_output=True, check=True, timeout=60)
+        wait_until(lambda: all(redis_info(p, "CLUSTER INFO").get("cluster_state") == "ok"
+                               for p in self.ports), 30, what="cluster ok")
+
+    def pids(self):
+        return [pid for proc in self.procs for pid in proc.pids()]
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+def cluster_spread(args, results):
+    """Rooms of two on a 3-master Redis Cluster (2 workers, the scale section's load): each
+    shard's share of the room publishes (SPUBLISH calls) and of Redis CPU, and the servers' CPU
+    per delivery."""
+    print("== scale: rooms of two on a 3-shard Redis Cluster", file=sys.stderr)
+    cluster = RedisCluster(3)
+
+    class Seeds:
+        url = "redis://127.0.0.1:6379"
+
+    seeds = ", ".join(f"127.0.0.1:{p}" for p in cluster.ports)
+    fleet = None
+    try:
+        before = {p: (redis_info(p, "commandstats"), redis_info(p, "cpu")) for p in cluster.ports}
+        fleet = Fleet(Seeds, args.workers, placement="random", redis_yaml=f"  cluster: [{seeds}]\n")
+        run = measured_run(lambda: fleet.pids() + cluster.pids(), fleet.url, pairs_scenario(args.scale_duration),
+                           "scale-cluster", balancer_pids=fleet.balancer_pids)
+        shards = {}
+        for p in cluster.ports:
+            stats, cpu = redis_info(p, "commandstats"), redis_info(p, "cpu")
+
+            def calls(info):
+                entry = info.get("cmdstat_spublish", "calls=0")
+                return int(entry.split("calls=")[1].split(",")[0])
+
+            used = lambda info: float(info["used_cpu_sys"]) + float(info["used_cpu_user"])  # noqa: E731
+            shards[str(p)] = {"spublish": calls(stats) - calls(before[p][0]),
+                              "cpu_s": round(used(cpu) - used(before[p][1]), 2)}
+        total_pub = max(sum(s["spublish"] for s in shards.values()), 1)
+        total_cpu = max(sum(s["cpu_s"] for s in shards.values()), 1e-9)
+        for sh in shards.values():
+            sh["publish_share"] = round(sh["spublish"] / total_pub, 3)
+            sh["cpu_share"] = round(sh["cpu_s"] / total_cpu, 3)
+        results["cluster"] = {"run": run, "shards": shards}
+    finally:
+        if fleet:
+            fleet.stop()
+        cluster.stop()
 
 
 def redis_info(port, section="memory"):
-    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", section], capture_output=True, text=True,
+    """`INFO section` as a dict; a section of two words (`CLUSTER INFO`) is that command."""
+    command = section.split() if " " in section else ["INFO", section]
+    out = subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True,
                          timeout=10, check=True).stdout
     return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
 
@@ -452,7 +522,7 @@ def room_channels(args, results):
     included), then leaves them; Redis `used_memory` and SUBSCRIBE/UNSUBSCRIBE command counts
     before and after."""
     import socketio
-    print(f"== room channels: {args.room_count} rooms", file=sys.stderr)
+    print(f"== room channels: {args.scale_rooms} rooms", file=sys.stderr)
     redis = Redis()
     fleet = Fleet(redis, 1)
     try:
@@ -465,7 +535,7 @@ def room_channels(args, results):
         window = threading.Semaphore(100)
 
         def all_of(event):
-            for n in range(args.room_count):
+            for n in range(args.scale_rooms):
                 if not window.acquire(timeout=30):
                     raise RuntimeError(f"{event}s not acknowledged")
                 client.emit(event, f"room-{n}", callback=lambda *_: window.release())
@@ -491,14 +561,14 @@ def room_channels(args, results):
             entry = stats.get(f"cmdstat_{name}", "calls=0")
             return int(entry.split("calls=")[1].split(",")[0])
 
-        per_room = (mem1 - mem0) / args.room_count
+        per_room = (mem1 - mem0) / args.scale_rooms
         results["room_channels"] = {
-            "rooms": args.room_count,
+            "rooms": args.scale_rooms,
             "channels_subscribed": subscribed,
             "redis_bytes_per_room": round(per_room),
             "redis_mb_per_100k_rooms": round(per_room * 100_000 / 2**20, 1),
-            "joins_per_sec": round(args.room_count / join_s),
-            "leaves_per_sec": round(args.room_count / leave_s),
+            "joins_per_sec": round(args.scale_rooms / join_s),
+            "leaves_per_sec": round(args.scale_rooms / leave_s),
             "subscribe_commands": calls(cmds1, "subscribe") - calls(cmds0, "subscribe"),
             "unsubscribe_commands": calls(cmds1, "unsubscribe") - calls(cmds0, "unsubscribe"),
         }
@@ -676,6 +746,12 @@ def table(results):
             m = r["median"]
             lines.append(f"{key.replace('_', ' ') + ' workers':44}{m['cpu_us_per_delivery']:>17.1f}{m['p50_ms']:>9}"
                          f"{m['p99_ms']:>9}{round(m['delivered_per_sec']):>13}{m['failures_all_runs']:>10}")
+    cl = results.get("cluster")
+    if cl:
+        r = cl["run"]
+        lines.append(f"3-shard Redis Cluster, rooms of two, {r['cpu_us_per_delivery']} us/delivery, p99 {r['p99_ms']} ms: "
+                     + ", ".join(f"shard {port}: {s['publish_share'] * 100:.0f}% of SPUBLISH, {s['cpu_share'] * 100:.0f}% of "
+                                 f"Redis CPU" for port, s in cl["shards"].items()))
     rc = results.get("room_channels")
     if rc:
         lines.append(f"room channels: {rc['rooms']} rooms joined at {rc['joins_per_sec']}/s with "
@@ -706,9 +782,11 @@ def main():
     ap.add_argument("--scale-workers", help="scale: the fleet's worker counts, comma-separated (2,4,8,16)")
     ap.add_argument("--scale-node-workers", help="scale: the Node setup's worker counts (2,8); 0 for none")
     ap.add_argument("--scale-rounds", type=int, help="scale: alternating rounds (3)")
+    ap.add_argument("--scale-cluster", type=int, default=1, help="scale: the 3-shard Redis Cluster run (1); 0 skips")
+    ap.add_argument("--scale-rooms", type=int, help="rooms joined to measure what a room costs Redis (100000); 0 skips")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
-    given = {k: getattr(args, k) for k in ("scale_workers", "scale_node_workers", "scale_rounds")}
+    given = {k: getattr(args, k) for k in ("scale_workers", "scale_node_workers", "scale_rounds", "scale_rooms")}
     args.rate, args.duration, args.step_duration, args.tax_rates = 20, 15, 8, [20, 100]
     args.idle_clients, args.rates = 10_000, [20, 50, 100, 200, 400]
     args.cap_one, args.cap_many = 9_500, 40_000
@@ -716,7 +794,7 @@ def main():
     args.auth_rounds, args.auth_clients = 3, 3000
     args.app_rounds = 3
     args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4, 8, 16], [2, 8], 3, 15
-    args.room_count = 100_000
+    args.scale_rooms = 100_000
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
@@ -725,10 +803,10 @@ def main():
         args.auth_rounds, args.auth_clients = 1, 300
         args.app_rounds = 1
         args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4], [2], 1, 3
-        args.room_count = 2000
+        args.scale_rooms = 2000
     for key, value in given.items():
         if value is not None:
-            setattr(args, key, value if key == "scale_rounds" else [int(n) for n in value.split(",") if int(n) > 0])
+            setattr(args, key, value if isinstance(value, int) else [int(n) for n in value.split(",") if int(n) > 0])
     print(f"logs in {LOGS}", file=sys.stderr)
     results = {"machine": {"cpus": os.cpu_count(), "quick": args.quick}}
     partial = (args.only_capacity or args.only_polling or args.only_fixed or args.only_auth or args.only_app
@@ -745,7 +823,10 @@ def main():
         own_app(args, results)
     if not partial or args.only_scale:
         scale(args, results)
-        room_channels(args, results)
+        if args.scale_rooms:
+            room_channels(args, results)
+        if args.scale_cluster:
+            cluster_spread(args, results)
     if not (args.only_capacity or args.only_fixed or args.only_auth or args.only_app or args.only_scale):
         polling(args, results)
     if args.capacity or args.only_capacity:

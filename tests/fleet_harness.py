@@ -57,6 +57,19 @@ def free_port_range(n):
     raise RuntimeError("no free port range")
 
 
+def free_port_with_bus(offset=10000):
+    """A free port whose `port + offset` is free too (a Redis Cluster node's bus), both below
+    the ephemeral range."""
+    ports = _listen_ports()
+    for _ in range(500):
+        port = random.randrange(ports.start, ports.stop - offset)
+        pair = {port, port + offset}
+        if not pair & _handed_out and all(_bindable(p) for p in pair):
+            _handed_out.update(pair)
+            return port
+    raise RuntimeError("no free port pair")
+
+
 def _bindable(port):
     with socket.socket() as s:
         try:

@@ -44,8 +44,11 @@ pub const WORKER_REDIS_UP: &str = "fleet_worker_redis_up";
 pub const WORKER_REDIS_RECONNECTS_TOTAL: &str = "fleet_worker_redis_reconnects_total";
 /// Counter: publishes that did not reach Redis (local delivery still happened).
 pub const WORKER_REDIS_PUBLISH_FAILURES_TOTAL: &str = "fleet_worker_redis_publish_failures_total";
-/// Gauge: Redis `used_memory`, polled.
+/// Gauge by `node`: Redis `used_memory`, polled; one series per master of a Redis Cluster
+/// (`node` its address), one with `node=""` for one server.
 pub const WORKER_REDIS_MEMORY_BYTES: &str = "fleet_worker_redis_memory_bytes";
+/// Label of [`WORKER_REDIS_MEMORY_BYTES`].
+pub const LABEL_NODE: &str = "node";
 /// Gauge 0/1: draining (SIGTERM received).
 pub const WORKER_DRAINING: &str = "fleet_worker_draining";
 /// Counter by `result`: connection attempts by how authentication ended (`ok`, `missing`,

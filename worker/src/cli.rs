@@ -196,7 +196,9 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         Ok(asked) => asked
             .add_directive("socketioxide=info".parse().expect("static directive"))
             .add_directive("engineioxide=info".parse().expect("static directive")),
-        Err(_) => "info,socketioxide=warn,engineioxide=warn".into(),
+        // The Redis client logs every failed attempt to reach a lost cluster node; the link
+        // says once what happened and what it waits for.
+        Err(_) => "info,socketioxide=warn,engineioxide=warn,redis=error".into(),
     }
 }
 

@@ -152,7 +152,7 @@ impl Fleet {
     /// };
     /// # let _: Box<dyn worker::App> = Box::new(app);
     /// ```
-    pub fn redis(&self) -> Option<redis::aio::MultiplexedConnection> {
+    pub fn redis(&self) -> Option<crate::RedisConnection> {
         self.link.connection()
     }
 

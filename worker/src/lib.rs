@@ -54,6 +54,7 @@ pub use app::RoomsApp;
 pub use auth::{Grant, Rooms};
 pub use cli::main;
 pub use drain::DrainReport;
+pub use drivers::RedisConnection;
 pub(crate) use drivers::RedisLink;
 pub use fleet::{Ack, App, Fleet, Io, Namespaces, Socket};
 /// The Redis client the fleet uses, for an app's own state ([`Fleet::redis`]).

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use shared::metrics as names;
 
@@ -45,8 +45,8 @@ pub struct WorkerMetrics {
     pub redis_reconnects: IntCounter,
     /// Publishes that did not reach Redis.
     pub redis_publish_failures: IntCounter,
-    /// Redis `used_memory`.
-    pub redis_memory: IntGauge,
+    /// Redis `used_memory`, by node (`node=""` for one server).
+    pub redis_memory: IntGaugeVec,
     /// 1 while draining.
     pub draining: IntGauge,
     /// Connection attempts by authentication result.
@@ -113,8 +113,11 @@ impl WorkerMetrics {
                 "Publishes that did not reach Redis (local delivery still happened)",
             )
             .unwrap(),
-            redis_memory: IntGauge::new(names::WORKER_REDIS_MEMORY_BYTES, "Redis used_memory")
-                .unwrap(),
+            redis_memory: IntGaugeVec::new(
+                Opts::new(names::WORKER_REDIS_MEMORY_BYTES, "Redis used_memory"),
+                &[names::LABEL_NODE],
+            )
+            .unwrap(),
             draining: IntGauge::new(names::WORKER_DRAINING, "1 while draining").unwrap(),
             auth: IntCounterVec::new(
                 Opts::new(
@@ -217,6 +220,7 @@ mod tests {
         let m = WorkerMetrics::new("w7");
         m.event("join");
         m.pubsub_lag.observe(0.001);
+        m.redis_memory.with_label_values(&[""]).set(1);
         let text = m.encode();
         for name in names::WORKER_METRICS {
             assert!(

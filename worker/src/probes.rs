@@ -79,7 +79,7 @@ pub async fn pubsub_lag(
     }
 }
 
-/// Poll `INFO memory` and export `used_memory`.
+/// Poll `INFO memory` (of every master, on a cluster) and export `used_memory`.
 pub async fn redis_memory(link: RedisLink, metrics: WorkerMetrics, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(MEMORY_EVERY);
     loop {
@@ -90,13 +90,16 @@ pub async fn redis_memory(link: RedisLink, metrics: WorkerMetrics, mut shutdown:
         let Some(mut conn) = link.connection() else {
             continue;
         };
-        let mut info = redis::cmd("INFO");
-        info.arg("memory");
-        let info = info.query_async::<String>(&mut conn);
-        if let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(1), info).await
-            && let Some(bytes) = used_memory(&text)
-        {
-            metrics.redis_memory.set(bytes);
+        // One series per master of a cluster (`node`), one with `node=""` otherwise; nodes
+        // gone after a failover disappear.
+        let info = tokio::time::timeout(Duration::from_secs(1), conn.memory_info()).await;
+        if let Ok(Ok(nodes)) = info {
+            metrics.redis_memory.reset();
+            for (node, text) in nodes {
+                if let Some(bytes) = used_memory(&text) {
+                    metrics.redis_memory.with_label_values(&[&node]).set(bytes);
+                }
+            }
         }
     }
 }

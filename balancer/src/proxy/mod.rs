@@ -357,8 +357,12 @@ async fn worker_gone(route: &Route, e: &Error) -> bool {
     }
     match e.etype() {
         ErrorType::ConnectRefused => true,
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-            // Broken mid-request: gone only if a fresh connection is refused too.
+        // A connect reset while the dying process's listener is torn down, or broken
+        // mid-request: gone only if a fresh connection is refused too.
+        ErrorType::ConnectError
+        | ErrorType::ConnectionClosed
+        | ErrorType::ReadError
+        | ErrorType::WriteError => {
             let connect = tokio::net::TcpStream::connect(route.worker.addr());
             matches!(
                 tokio::time::timeout(GONE_CHECK, connect).await,

@@ -26,7 +26,10 @@ pub struct RedisConfig {
     /// failover. The URL still gives the scheme (`rediss://` = TLS), the ACL user and password
     /// and the database of the master; its host is not used.
     pub sentinel: SentinelConfig,
-    /// Seed nodes (`host:port`) of a Redis Cluster. Default none.
+    /// Seed nodes (`host:port`, or `user:password@host:port`) of a Redis Cluster: room
+    /// channels are sharded over its masters (SSUBSCRIBE/SPUBLISH). The URL still gives the
+    /// scheme (`rediss://` = TLS) and the ACL user and password; its host is not used. Default
+    /// none.
     pub cluster: Vec<String>,
 }
 

@@ -208,12 +208,6 @@ fn redis(r: &RedisConfig) -> Result<(), Refusal> {
         for node in &r.cluster {
             validate_node(node).map_err(|m| ("redis.cluster", m))?;
         }
-        return Err((
-            "redis.cluster",
-            "Redis Cluster is not supported by this version yet: use redis.url (standalone, \
-             rediss:// for TLS) or redis.sentinel"
-                .into(),
-        ));
     }
     Ok(())
 }

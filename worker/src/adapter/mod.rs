@@ -178,7 +178,7 @@ impl<E: SocketEmitter> CoreAdapter<E> for FleetAdapter<E> {
         // Members here first: they do not wait for Redis, nor miss it while it is away.
         let local = self.local().broadcast(packet, opts);
         // Never fails: while Redis is away the publish is counted as lost for other workers.
-        let _ = socketioxide_redis::drivers::Driver::publish(&self.link, channel, bytes).await;
+        self.link.publish_room(channel, bytes);
         local.map_err(BroadcastError::Socket)
     }
 

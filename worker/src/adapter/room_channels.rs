@@ -156,7 +156,7 @@ impl Applier {
                 subscribed.extend(channels);
             }
             if !unsubscribe.is_empty() {
-                self.link.unsubscribe_many(&unsubscribe).await;
+                self.link.unsubscribe_many(&unsubscribe, true).await;
                 for channel in &unsubscribe {
                     subscribed.remove(channel);
                 }

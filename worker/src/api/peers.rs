@@ -151,8 +151,18 @@ impl Peers {
         let mut conn = self.link.connection()?;
         let mut numsub = redis::cmd("PUBSUB");
         numsub.arg("NUMSUB").arg(&self.query_channel);
-        let count = tokio::time::timeout(WAIT, numsub.query_async::<(String, usize)>(&mut conn));
-        let (_, n) = count.await.ok()?.ok()?;
+        // A map on a cluster (every node's count, summed), pairs on one server.
+        let count = tokio::time::timeout(
+            WAIT,
+            numsub.query_async::<std::collections::HashMap<String, usize>>(&mut conn),
+        );
+        let n = count
+            .await
+            .ok()?
+            .ok()?
+            .get(&self.query_channel)
+            .copied()
+            .unwrap_or(0);
         Some(n.saturating_sub(1))
     }
 }

@@ -13,13 +13,13 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, PushInfo, PushKind};
+use redis::{FromRedisValue, PushInfo, PushKind};
 use shared::config::RedisConfig;
 use shared::{Backoff, Shutdown};
 use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::connection::RedisConnection;
 use super::target::Target;
 use crate::metrics::WorkerMetrics;
 
@@ -60,6 +60,13 @@ pub enum Route {
     Inline(Sink),
 }
 
+impl Route {
+    /// Room channels (inline) are sharded on a Redis Cluster; the adapter's are not.
+    fn is_sharded(&self) -> bool {
+        matches!(self, Route::Inline(_))
+    }
+}
+
 /// A function given each message of a channel: `(channel, payload)`.
 pub type Sink = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
@@ -71,8 +78,8 @@ const PUBLISHES_PER_PIPELINE: usize = 512;
 const OUTBOX: usize = 65_536;
 
 type Handlers = HashMap<String, Route>;
-/// A message for a channel, on its way to Redis.
-type Publish = (String, Vec<u8>);
+/// A message for a channel, on its way to Redis: `(channel, payload, sharded)`.
+type Publish = (String, Vec<u8>, bool);
 
 struct Inner {
     target: Target,
@@ -81,7 +88,7 @@ struct Inner {
     /// The same lock orders "snapshot for re-subscribe" against "add one", see `subscribe`.
     handlers: RwLock<Handlers>,
     /// The live connection, `None` while down.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<RedisConnection>>,
     /// Woken by the push sender when the connection reports its own death.
     broken: Notify,
     state_tx: watch::Sender<LinkState>,
@@ -145,7 +152,7 @@ impl RedisLink {
     }
 
     /// The live connection, if any, for commands of our own (INFO, probes).
-    pub fn connection(&self) -> Option<MultiplexedConnection> {
+    pub fn connection(&self) -> Option<RedisConnection> {
         self.inner.conn.lock().unwrap().clone()
     }
 
@@ -220,38 +227,54 @@ impl RedisLink {
 
     async fn connect_and_subscribe(&self) -> Result<(), LinkError> {
         let weak = Arc::downgrade(&self.inner);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_push_sender(move |push: PushInfo| {
-                if let Some(inner) = weak.upgrade() {
-                    route_push(&inner, push);
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let client = self.inner.target.client().await?;
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let push = move |push: PushInfo| {
+            if let Some(inner) = weak.upgrade() {
+                route_push(&inner, push);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let conn = self.inner.target.connect(push, COMMAND_TIMEOUT).await?;
         // Publish the connection and snapshot the wanted channels under the handlers lock:
         // a `subscribe` that runs after this sees the connection; one before is in the snapshot.
-        let channels: Vec<String> = {
+        let (mut rooms, mut others) = (Vec::new(), Vec::new());
+        {
             let handlers = self.inner.handlers.read().unwrap();
             *self.inner.conn.lock().unwrap() = Some(conn.clone());
-            handlers.keys().cloned().collect()
-        };
+            for (chan, route) in handlers.iter() {
+                let list = if route.is_sharded() {
+                    &mut rooms
+                } else {
+                    &mut others
+                };
+                list.push(chan.clone());
+            }
+        }
         let mut c = conn.clone();
-        for batch in channels.chunks(CHANNELS_PER_COMMAND) {
-            with_timeout(c.subscribe(batch)).await.inspect_err(|_| {
-                *self.inner.conn.lock().unwrap() = None;
-            })?;
+        // Up means whole: every master of a cluster answers.
+        with_timeout(c.check()).await.inspect_err(|_| {
+            *self.inner.conn.lock().unwrap() = None;
+        })?;
+        for (channels, sharded) in [(others, false), (rooms, true)] {
+            for batch in channels.chunks(CHANNELS_PER_COMMAND) {
+                with_bulk_timeout(c.subscribe(batch, sharded))
+                    .await
+                    .inspect_err(|_| {
+                        *self.inner.conn.lock().unwrap() = None;
+                    })?;
+            }
         }
         Ok(())
     }
 
     /// Resolves with a reason when the connection breaks. A disconnect push or a failed
     /// command only triggers an early PING: a stale wake-up must not cost a reconnection.
+    /// On a cluster, a change of which master serves which slots counts as broken too: the
+    /// connection is rebuilt and every sharded subscription made again where it now belongs.
     async fn watch_until_broken(&self) -> String {
+        let topology = match self.connection() {
+            Some(mut conn) => with_timeout(conn.topology()).await.ok().flatten(),
+            None => None,
+        };
         let mut tick = tokio::time::interval(PING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -270,11 +293,16 @@ impl RedisLink {
                     Ok(_) => return "the server is no longer the master (failover)".into(),
                     Err(e) => return format!("ROLE failed: {e}"),
                 }
-            } else {
-                let ping = redis::cmd("PING");
-                if let Err(e) = with_timeout(ping.query_async::<String>(&mut conn)).await {
-                    return format!("ping failed: {e}");
-                }
+            } else if let Err(e) = with_timeout(conn.check()).await {
+                // On a cluster: a master is gone. The connection is rebuilt and every
+                // subscription renewed once the cluster is whole again, rather than trusting
+                // the client to move each sharded subscription to the promoted replica.
+                return format!("ping failed: {e}");
+            } else if topology.is_some()
+                && let Ok(now) = with_timeout(conn.topology()).await
+                && now != topology
+            {
+                return "the cluster's slots moved (failover or resharding)".into();
             }
         }
     }
@@ -293,21 +321,17 @@ impl RedisLink {
             // Publishes made in this turn of the runtime (other clients' frames read in the
             // same wake-up) go with it.
             tokio::task::yield_now().await;
-            let mut pipe = redis::pipe();
-            pipe.cmd("PUBLISH").arg(first.0).arg(first.1).ignore();
-            let mut count = 1;
-            while count < PUBLISHES_PER_PIPELINE {
-                let Ok((chan, payload)) = outbox.try_recv() else {
-                    break;
-                };
-                pipe.cmd("PUBLISH").arg(chan).arg(payload).ignore();
-                count += 1;
+            let mut batch = vec![first];
+            while batch.len() < PUBLISHES_PER_PIPELINE {
+                let Ok(next) = outbox.try_recv() else { break };
+                batch.push(next);
             }
+            let count = batch.len();
             let Some(mut conn) = self.connection() else {
                 failures.inc_by(count as u64);
                 continue;
             };
-            if let Err(e) = with_timeout(pipe.query_async::<()>(&mut conn)).await {
+            if let Err(e) = with_timeout(conn.publish_all(batch)).await {
                 failures.inc_by(count as u64);
                 tracing::debug!("publish failed: {e}");
                 self.suspect();
@@ -333,7 +357,7 @@ impl RedisLink {
         };
         let Some(mut conn) = conn else { return };
         for batch in channels.chunks(CHANNELS_PER_COMMAND) {
-            if let Err(e) = with_timeout(conn.subscribe(batch)).await {
+            if let Err(e) = with_bulk_timeout(conn.subscribe(batch, route.is_sharded())).await {
                 tracing::debug!("subscribe failed, will renew on reconnect: {e}");
                 self.suspect();
                 return;
@@ -343,7 +367,7 @@ impl RedisLink {
 
     /// Stop listening to `channels` (best effort: a stale subscription only brings messages
     /// that find no route).
-    pub async fn unsubscribe_many(&self, channels: &[String]) {
+    pub async fn unsubscribe_many(&self, channels: &[String], sharded: bool) {
         let conn = {
             let mut handlers = self.inner.handlers.write().unwrap();
             for chan in channels {
@@ -353,11 +377,39 @@ impl RedisLink {
         };
         let Some(mut conn) = conn else { return };
         for batch in channels.chunks(CHANNELS_PER_COMMAND) {
-            if with_timeout(conn.unsubscribe(batch)).await.is_err() {
+            if with_bulk_timeout(conn.unsubscribe(batch, sharded))
+                .await
+                .is_err()
+            {
                 self.suspect();
                 return;
             }
         }
+    }
+
+    /// Queue a room broadcast for its room's channel (sharded on a cluster); see
+    /// [`Driver::publish`].
+    pub fn publish_room(&self, chan: String, payload: Vec<u8>) {
+        self.enqueue((chan, payload, self.inner.target.is_cluster()));
+    }
+
+    fn enqueue(&self, message: Publish) {
+        if self.connection().is_none() || self.inner.outbox.try_send(message).is_err() {
+            self.inner.metrics.redis_publish_failures.inc();
+        }
+    }
+}
+
+/// Subscribing a thousand channels (one command each on a cluster) may take longer than one
+/// command.
+const BULK_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn with_bulk_timeout<T>(
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout(BULK_TIMEOUT, fut).await {
+        Ok(res) => Ok(res?),
+        Err(_) => Err(LinkError::Timeout),
     }
 }
 
@@ -420,9 +472,7 @@ impl Driver for RedisLink {
     /// Redis is away the message is counted as lost for other workers and the adapter goes on
     /// to deliver it locally.
     async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
-        if self.connection().is_none() || self.inner.outbox.try_send((chan, val)).is_err() {
-            self.inner.metrics.redis_publish_failures.inc();
-        }
+        self.enqueue((chan, val, false));
         Ok(())
     }
 
@@ -439,7 +489,7 @@ impl Driver for RedisLink {
         };
         // While down, the next connection subscribes it; a failure here is repaired the same way.
         if let Some(mut conn) = conn
-            && let Err(e) = with_timeout(conn.subscribe(&chan)).await
+            && let Err(e) = with_timeout(conn.subscribe(std::slice::from_ref(&chan), false)).await
         {
             tracing::debug!(%chan, "subscribe failed, will renew on reconnect: {e}");
             self.suspect();
@@ -451,7 +501,7 @@ impl Driver for RedisLink {
         self.inner.handlers.write().unwrap().remove(&chan);
         if let Some(mut conn) = self.connection() {
             // Best effort: a stale subscription only costs ignored messages.
-            let _ = with_timeout(conn.unsubscribe(&chan)).await;
+            let _ = with_timeout(conn.unsubscribe(std::slice::from_ref(&chan), false)).await;
         }
         Ok(())
     }
@@ -464,8 +514,9 @@ impl Driver for RedisLink {
         };
         let mut numsub = redis::cmd("PUBSUB");
         numsub.arg("NUMSUB").arg(chan);
-        match with_timeout(numsub.query_async::<(String, u16)>(&mut conn)).await {
-            Ok((_, n)) => Ok(n.max(1)),
+        // A map on a cluster (every node's count, summed), pairs on one server.
+        match with_timeout(numsub.query_async::<HashMap<String, u16>>(&mut conn)).await {
+            Ok(counts) => Ok(counts.get(chan).copied().unwrap_or(0).max(1)),
             Err(e) => {
                 self.suspect();
                 tracing::debug!("PUBSUB NUMSUB failed, counting this node alone: {e}");

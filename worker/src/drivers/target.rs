@@ -1,11 +1,21 @@
-//! Where the Redis link connects: one server named by `redis.url`, or whichever server Redis
+//! Where the Redis link connects: one server named by `redis.url`, whichever server Redis
 //! Sentinel names master at the moment of connecting (`redis.sentinel`), so that every
-//! reconnection after a failover lands on the new master.
+//! reconnection after a failover lands on the new master, or a Redis Cluster
+//! (`redis.cluster`), whose client follows the slots' owners itself.
 
+use std::time::Duration;
+
+use redis::aio::AsyncPushSender;
+use redis::cluster::ClusterClientBuilder;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{ConnectionAddr, ErrorKind, ProtocolVersion, RedisError, RedisResult, TlsCertificates};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ErrorKind, ProtocolVersion, RedisError, RedisResult,
+    TlsCertificates,
+};
 use shared::config::{RedisConfig, RedisTlsConfig};
 use tokio::sync::Mutex;
+
+use super::connection::RedisConnection;
 
 /// The server (or servers) the link may connect to.
 pub enum Target {
@@ -15,6 +25,12 @@ pub enum Target {
     Sentinel {
         client: Mutex<SentinelClient>,
         master: String,
+    },
+    /// A Redis Cluster, from its seed nodes (URLs with the scheme and credentials of
+    /// `redis.url`).
+    Cluster {
+        seeds: Vec<String>,
+        certificates: Option<Vec<u8>>,
     },
 }
 
@@ -27,6 +43,12 @@ impl Target {
         let url = config.url.as_str();
         let tls = url.starts_with("rediss://");
         let ca = ca_certificates(tls, &config.tls)?;
+        if !config.cluster.is_empty() {
+            return Ok(Target::Cluster {
+                seeds: cluster_seeds(config)?,
+                certificates: ca,
+            });
+        }
         if !config.sentinel.is_set() {
             // redis-rs spells "do not verify" as a URL fragment.
             let url = if tls && config.tls.insecure && !url.contains('#') {
@@ -122,13 +144,48 @@ impl Target {
         })
     }
 
-    /// A client for the server to connect to now: for Sentinel, the current master (checked
-    /// to call itself master).
-    pub async fn client(&self) -> RedisResult<redis::Client> {
-        match self {
-            Target::Fixed(client) => Ok(client.clone()),
-            Target::Sentinel { client, .. } => client.lock().await.async_get_client().await,
-        }
+    /// Connect now, every pub/sub message going to `push`: for Sentinel, to the current master
+    /// (checked to call itself master); for a cluster, to its nodes.
+    pub async fn connect(
+        &self,
+        push: impl AsyncPushSender,
+        timeout: Duration,
+    ) -> RedisResult<RedisConnection> {
+        let client = match self {
+            Target::Fixed(client) => client.clone(),
+            Target::Sentinel { client, .. } => client.lock().await.async_get_client().await?,
+            Target::Cluster {
+                seeds,
+                certificates,
+            } => {
+                let mut builder = ClusterClientBuilder::new(seeds.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(push)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout);
+                if let Some(root_cert) = certificates {
+                    builder = builder.certs(TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert.clone()),
+                    });
+                }
+                let conn = builder.build()?.get_async_connection().await?;
+                return Ok(RedisConnection::Cluster(conn));
+            }
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_push_sender(push);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(RedisConnection::Single(conn))
+    }
+
+    /// Whether this is a Redis Cluster (room channels are sharded there).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster { .. })
     }
 
     /// Whether a connection must keep checking that its server is still the master.
@@ -140,18 +197,48 @@ impl Target {
     pub fn describe(&self, config: &RedisConfig) -> String {
         match self {
             Target::Fixed(_) => redact(&config.url),
+            Target::Cluster { .. } => format!("cluster via {}", hosts(&config.cluster)),
             Target::Sentinel { master, .. } => format!(
                 "sentinel master {master:?} via {}",
-                config
-                    .sentinel
-                    .nodes
-                    .iter()
-                    .map(|n| n.rsplit('@').next().unwrap_or(n))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                hosts(&config.sentinel.nodes)
             ),
         }
     }
+}
+
+/// Nodes as `host:port`, any `user:password@` left out.
+fn hosts(nodes: &[String]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.rsplit('@').next().unwrap_or(n))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The cluster's seed nodes as URLs: each `host:port` with `redis.url`'s scheme and
+/// credentials (unless the node has its own), and its TLS choice.
+fn cluster_seeds(config: &RedisConfig) -> RedisResult<Vec<String>> {
+    let data = url::Url::parse(&config.url).map_err(|e| invalid("redis.url", e.to_string()))?;
+    let scheme = data.scheme();
+    let auth = match (data.username(), data.password()) {
+        ("", None) => String::new(),
+        (user, None) => format!("{user}@"),
+        (user, Some(password)) => format!("{user}:{password}@"),
+    };
+    let insecure = scheme == "rediss" && config.tls.insecure;
+    Ok(config
+        .cluster
+        .iter()
+        .map(|node| {
+            let auth = if node.contains('@') {
+                ""
+            } else {
+                auth.as_str()
+            };
+            let fragment = if insecure { "#insecure" } else { "" };
+            format!("{scheme}://{auth}{node}{fragment}")
+        })
+        .collect())
 }
 
 fn ca_certificates(tls: bool, config: &RedisTlsConfig) -> RedisResult<Option<Vec<u8>>> {
@@ -203,6 +290,28 @@ mod tests {
     fn percent_encoded_passwords_are_decoded() {
         assert_eq!(decode("p%40ss"), "p@ss");
         assert_eq!(decode("plain+x"), "plain+x");
+    }
+
+    #[test]
+    fn cluster_seeds_take_the_url_scheme_and_credentials() {
+        let mut config = RedisConfig {
+            url: "rediss://app:pw@ignored:6379".into(),
+            ..RedisConfig::default()
+        };
+        config.cluster = vec!["10.0.0.1:7000".into(), "other:x@10.0.0.2:7001".into()];
+        assert_eq!(
+            cluster_seeds(&config).unwrap(),
+            [
+                "rediss://app:pw@10.0.0.1:7000",
+                "rediss://other:x@10.0.0.2:7001"
+            ]
+        );
+        let target = Target::new(&config).unwrap();
+        assert!(target.is_cluster());
+        assert_eq!(
+            target.describe(&config),
+            "cluster via 10.0.0.1:7000,10.0.0.2:7001"
+        );
     }
 
     #[test]
