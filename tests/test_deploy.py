@@ -162,7 +162,9 @@ def _live_metric_names(closer, tmp_path, redis):
     c = closer.add(Client(b.url, ["polling", "websocket"])).connect()
     c.call("join", "r")
     c.call("publish", {"room": "r", "data": 1})
-    wait_until(lambda: "fleet_worker_pubsub_lag_seconds_bucket" in requests.get(b.worker_url(0) + "/metrics").text,
+    # The Redis memory gauge has a series per node once the first poll answered.
+    wait_until(lambda: all(name in requests.get(b.worker_url(0) + "/metrics").text
+                           for name in ("fleet_worker_pubsub_lag_seconds_bucket", "fleet_worker_redis_memory_bytes{")),
                10, what="worker probes")
     text = requests.get(b.admin + "/metrics").text + requests.get(b.worker_url(0) + "/metrics").text
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}

@@ -5,6 +5,7 @@ killed under traffic: members on the publishing worker keep hearing it, new clie
 connect through the balancer, and cross-worker delivery in the dead master's rooms resumes
 within 10 s of the kill on the promoted replica, with no worker restarted."""
 
+import re
 import subprocess
 import threading
 import time
@@ -84,6 +85,14 @@ def test_rooms_spread_over_shards_and_a_master_failover_costs_seconds(closer, tm
               for n in masters(nodes)}
     assert sum(spread.values()) == 30 and all(v > 0 for v in spread.values()), spread
     assert cli(owner(nodes, channel("room-0")).port, "PUBSUB", "SHARDNUMSUB", channel("room-0"))[1] == "2"
+
+    # Redis memory per master, one series each.
+    def memory_nodes():
+        return {re.search(r'node="([^"]*)"', k).group(1) for k in b.worker_metrics(0)
+                if k.startswith("fleet_worker_redis_memory_bytes{")}
+
+    wait_until(lambda: len(memory_nodes()) == 3, 15, what="a memory series per master")
+    assert memory_nodes() == {f"127.0.0.1:{n.port}" for n in masters(nodes)}
 
     # Exactly once in every room, across the shards.
     for room in rooms:

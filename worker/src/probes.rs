@@ -88,6 +88,8 @@ pub async fn redis_memory(link: RedisLink, metrics: WorkerMetrics, mut shutdown:
             _ = shutdown.recv() => return,
         }
         let Some(mut conn) = link.connection() else {
+            // Not connected yet: look again soon, so the gauge appears as soon as Redis does.
+            tick.reset_after(Duration::from_millis(200));
             continue;
         };
         // One series per master of a cluster (`node`), one with `node=""` otherwise; nodes
