@@ -5,13 +5,15 @@
 //! - [`main`]: the whole program of a worker binary, given an app (`worker::main(app)`).
 //! - [`App`] (any `Fn(Socket, &Fleet)`), [`Namespaces`]: what an app is.
 //! - [`Fleet`]: the handle handlers get: cross-worker broadcasts, the Socket.IO server
-//!   ([`Io`]), the fleet's Redis, a socket's [`Grant`]; [`Socket`] and [`Ack`]: the types
-//!   handlers take. [`redis`] and [`socketioxide`]: the crates, at the fleet's versions.
+//!   ([`Io`]), the fleet's Redis ([`RedisConnection`]), a socket's [`Grant`]; [`Socket`] and
+//!   [`Ack`]: the types handlers take. [`redis`] and [`socketioxide`]: the crates, at the fleet's versions.
 //! - [`run`], [`WorkerSettings`], [`Listener`]: serving an app from a program of one's own.
 //! - [`RoomsApp`]: the default app.
 //!
 //! # Inside (private modules)
-//! `cli` (the command line), `settings`, `drivers` (the reconnecting Redis pub/sub driver),
+//! `cli` (the command line), `settings`, `adapter` (room broadcasts on per-room channels, which
+//! a worker subscribes while it holds a member), `drivers` (the reconnecting Redis link: one
+//! server, Sentinel or Cluster),
 //! `fleet`, `app`, `auth` (who may connect, what a socket may do), `api` (the server API under
 //! `/api/`), `server` (accept loop with a connection cap), `conn` (connections a drain can cut),
 //! `handoff` (connections the supervising balancer passes over), `http` (the one port),
