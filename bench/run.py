@@ -209,14 +209,17 @@ def loadtest(url, args, on_ready=None, name="loadtest"):
     return json.loads(out.read_text())
 
 
-def measured_run(server_pids, url, args, name, balancer_pids=None):
+def measured_run(server_pids, url, args, name, balancer_pids=None, on_ready_too=None):
     """A load run with the servers' CPU seconds counted from the start of publishing to the end;
-    with `balancer_pids`, the balancer processes' share of it too."""
+    with `balancer_pids`, the balancer processes' share of it too; `on_ready_too` is called when
+    publishing starts."""
     mark = {}
 
     def on_ready():
         mark["cpu"] = cpu_seconds(server_pids())
         mark["bal"] = cpu_seconds(balancer_pids()) if balancer_pids else 0
+        if on_ready_too:
+            on_ready_too()
 
     report = loadtest(url, args, on_ready=on_ready, name=name)
     cpu = cpu_seconds(server_pids()) - mark.get("cpu", 0)
@@ -508,6 +511,64 @@ def cluster_spread(args, results):
         cluster.stop()
 
 
+def churn(args, results):
+    """Does subscription churn stall delivery? Section 1's fixed load (rooms of 100) on 2 workers,
+    alone and while 4 more clients (2 per worker) join and leave rooms of their own as fast as
+    they can, 50 requests in flight each: every join and every leave changes a subscription.
+    Alternating rounds, medians; the churning clients run on the same two cores."""
+    import socketio
+    print("== scale: delivery under subscription churn", file=sys.stderr)
+    runs = {"quiet": [], "churn": []}
+    for rnd in range(args.churn_rounds):
+        for mode in runs:
+            redis = Redis()
+            fleet = Fleet(redis, args.workers)
+            stop, done, clients = threading.Event(), [0], []
+
+            def churner(url, n):
+                c = socketio.Client(reconnection=False)
+                c.connect(url, transports=["websocket"], wait_timeout=10)
+                clients.append(c)
+                window = threading.Semaphore(50)
+
+                def acked(*_):
+                    done[0] += 1
+                    window.release()
+
+                i = 0
+                while not stop.is_set():
+                    room = f"churn-{n}-{i % 200}"
+                    for event in ("join", "leave"):
+                        if not window.acquire(timeout=10):
+                            return
+                        c.emit(event, room, callback=acked)
+                    i += 1
+
+            mark = {}
+
+            def on_ready():
+                mark["done"], mark["t"] = done[0], time.monotonic()
+                if mode == "churn":
+                    for n in range(4):
+                        url = f"http://127.0.0.1:{fleet.base + n % args.workers}"
+                        threading.Thread(target=churner, args=(url, n), daemon=True).start()
+
+            try:
+                run = measured_run(lambda: fleet.pids() + redis.pids(), fleet.url, scenario(args.rate, args.duration),
+                                   f"churn-{mode}-{rnd}", balancer_pids=fleet.balancer_pids, on_ready_too=on_ready)
+                stop.set()
+                secs = time.monotonic() - mark.get("t", time.monotonic())
+                run["subscription_changes_per_sec"] = round((done[0] - mark.get("done", 0)) / max(secs, 1e-9))
+                runs[mode].append(run)
+            finally:
+                stop.set()
+                for c in clients:
+                    c.disconnect()
+                fleet.stop()
+                redis.stop()
+    results["churn"] = {mode: {"median": median_run(rs), "runs": rs} for mode, rs in runs.items()}
+
+
 def redis_info(port, section="memory"):
     """`INFO section` as a dict; a section of two words (`CLUSTER INFO`) is that command."""
     command = section.split() if " " in section else ["INFO", section]
@@ -746,6 +807,12 @@ def table(results):
             m = r["median"]
             lines.append(f"{key.replace('_', ' ') + ' workers':44}{m['cpu_us_per_delivery']:>17.1f}{m['p50_ms']:>9}"
                          f"{m['p99_ms']:>9}{round(m['delivered_per_sec']):>13}{m['failures_all_runs']:>10}")
+    ch = results.get("churn")
+    if ch:
+        q, c = ch["quiet"]["median"], ch["churn"]["median"]
+        lines.append(f"subscription churn ({c['subscription_changes_per_sec']} joins+leaves/s): delivery p50/p99 "
+                     f"{c['p50_ms']}/{c['p99_ms']} ms vs {q['p50_ms']}/{q['p99_ms']} quiet; CPU per delivery "
+                     f"{c['cpu_us_per_delivery']} vs {q['cpu_us_per_delivery']} us; failures {c['failures_all_runs']}")
     cl = results.get("cluster")
     if cl:
         r = cl["run"]
@@ -782,6 +849,7 @@ def main():
     ap.add_argument("--scale-workers", help="scale: the fleet's worker counts, comma-separated (2,4,8,16)")
     ap.add_argument("--scale-node-workers", help="scale: the Node setup's worker counts (2,8); 0 for none")
     ap.add_argument("--scale-rounds", type=int, help="scale: alternating rounds (3)")
+    ap.add_argument("--scale-churn", type=int, default=1, help="scale: delivery under subscription churn (1); 0 skips")
     ap.add_argument("--scale-cluster", type=int, default=1, help="scale: the 3-shard Redis Cluster run (1); 0 skips")
     ap.add_argument("--scale-rooms", type=int, help="rooms joined to measure what a room costs Redis (100000); 0 skips")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
@@ -795,6 +863,7 @@ def main():
     args.app_rounds = 3
     args.scale_workers, args.scale_node_workers, args.scale_rounds, args.scale_duration = [2, 4, 8, 16], [2, 8], 3, 15
     args.scale_rooms = 100_000
+    args.churn_rounds = 2
     if args.quick:
         args.duration, args.step_duration, args.idle_clients, args.rates = 3, 3, 500, [20, 50]
         args.tax_rates = [20]
@@ -827,6 +896,8 @@ def main():
             room_channels(args, results)
         if args.scale_cluster:
             cluster_spread(args, results)
+        if args.scale_churn:
+            churn(args, results)
     if not (args.only_capacity or args.only_fixed or args.only_auth or args.only_app or args.only_scale):
         polling(args, results)
     if args.capacity or args.only_capacity:
