@@ -8,8 +8,9 @@
 3. `auth.mode: jwt` against `none`: CPU per delivery at the fixed load, and connections per
    second and server CPU per connection in a burst of connects;
 3b. the example chat app (apps/chat) as the workers against the default app: CPU per delivery;
-3c. rooms of two as workers are added (2, 4, 8, 16; Node at 2 and 8): CPU per delivery; and what
-    a room costs Redis (memory, SUBSCRIBE commands) when 100,000 are joined;
+3c. rooms of two as workers are added (2, 4, 8, 16; Node at 2 and 8): CPU per delivery; what a
+    room costs Redis (memory, SUBSCRIBE commands) when 100,000 are joined; each shard's share on
+    a 3-master Redis Cluster; delivery while clients churn subscriptions;
 4. long-polling through the balancer vs straight to the workers (and the Node setup): HTTP
    requests/s when flooded, and the latency it adds at a fixed load;
 5. (--capacity) how many clients the fleet holds: through one balancer process, and through
