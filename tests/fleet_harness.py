@@ -419,3 +419,36 @@ class Chromium:
         self.proc.kill()
         self.proc.wait(10)
         self.log.close()
+
+
+class SteadyPublisher:
+    """Publishes 0, 1, 2, ... to `room` from `client`, one every 20 ms on a thread, noting when
+    each was acknowledged: traffic to keep up through a fault."""
+
+    def __init__(self, client, room):
+        self.client, self.room = client, room
+        self.sent = []  # (n, acknowledged at, monotonic)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_until(lambda: len(self.sent) > 5, what="publishing")
+
+    def _run(self):
+        n = 0
+        while not self._stop.is_set():
+            if self.client.call("publish", {"room": self.room, "data": n})["ok"]:
+                self.sent.append((n, time.monotonic()))
+            n += 1
+            time.sleep(0.02)
+
+    def reached_since(self, member, t):
+        """Whether `member` got a publish acknowledged after `t`."""
+        got = {d for d in member.data_received() if isinstance(d, int)}
+        return any(n in got and at > t for n, at in self.sent)
+
+    def stop(self):
+        """Stops publishing; returns every number published."""
+        self._stop.set()
+        self._thread.join(5)
+        return [n for n, _ in self.sent]
+

@@ -7,10 +7,9 @@ within 10 s of the kill on the promoted replica, with no worker restarted."""
 
 import re
 import subprocess
-import threading
 import time
 
-from fleet_harness import Balancer, Client, Proc, free_port_with_bus, metric, port_open, wait_until
+from fleet_harness import Balancer, Client, Proc, SteadyPublisher, free_port_with_bus, metric, port_open, wait_until
 
 
 def cli(port, *args):
@@ -105,39 +104,22 @@ def test_rooms_spread_over_shards_and_a_master_failover_costs_seconds(closer, tm
 
     # Under traffic in room-0, kill the master serving its channel.
     victim = owner(nodes, channel("room-0"))
-    stop, sent = threading.Event(), []
-
-    def publish():
-        n = 0
-        while not stop.is_set():
-            if a.call("publish", {"room": "room-0", "data": n})["ok"]:
-                sent.append((n, time.monotonic()))
-            n += 1
-            time.sleep(0.02)
-
-    publisher = threading.Thread(target=publish, daemon=True)
-    publisher.start()
-    wait_until(lambda: len(sent) > 5, what="publishing")
+    publisher = SteadyPublisher(a, "room-0")
     killed_at = time.monotonic()
     victim.proc.kill()
     newcomers = [closer.add(Client(b.url, name=f"newcomer{i}").connect()) for i in range(4)]
     for n in newcomers:
         assert n.call("join", "room-0")["ok"]
 
-    def resumed():
-        got = {d for d in c.data_received() if isinstance(d, int)}
-        return any(n in got and t > killed_at + 0.05 for n, t in sent)
-
-    wait_until(resumed, 20, interval=0.05, what="cross-worker delivery after the failover")
+    wait_until(lambda: publisher.reached_since(c, killed_at + 0.05), 20, interval=0.05,
+               what="cross-worker delivery after the failover")
     resumed_after = time.monotonic() - killed_at
-    stop.set()
-    publisher.join(5)
+    numbers = publisher.stop()
     print(f"cross-worker delivery resumed {resumed_after:.2f} s after the kill")
     assert resumed_after < 10, f"cross-worker delivery resumed {resumed_after:.1f} s after the kill"
     for i in range(2):
         assert metric(b.worker_metrics(i), "fleet_worker_redis_up") == 1
     # Members on the publishing worker heard every publish, once.
-    numbers = [n for n, _ in sent]
     wait_until(lambda: set(numbers) <= set(a2.data_received()), what="every publish on w0")
     assert len(a2.data_received()) == len(set(a2.data_received()))
     # After the failover every member hears every room again, newcomers included.

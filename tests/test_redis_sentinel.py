@@ -5,10 +5,9 @@ clients still connect through the balancer; cross-worker delivery resumes within
 on the promoted replica, with no worker restarted."""
 
 import subprocess
-import threading
 import time
 
-from fleet_harness import Balancer, Client, Proc, free_port, metric, port_open, wait_until
+from fleet_harness import Balancer, Client, Proc, SteadyPublisher, free_port, metric, port_open, wait_until
 
 MASTER = "fleetmaster"
 
@@ -75,19 +74,7 @@ def test_a_sentinel_failover_costs_seconds_not_the_fleet(closer, tmp_path):
     wait_until(lambda: "before" in c.data_received(), what="cross-worker delivery before the kill")
 
     # Publishes from w0 all along, one every 20 ms.
-    stop, sent = threading.Event(), []
-
-    def publish():
-        n = 0
-        while not stop.is_set():
-            if a.call("publish", {"room": "room", "data": n})["ok"]:
-                sent.append((n, time.monotonic()))
-            n += 1
-            time.sleep(0.02)
-
-    publisher = threading.Thread(target=publish, daemon=True)
-    publisher.start()
-    wait_until(lambda: len(sent) > 5, what="publishing")
+    publisher = SteadyPublisher(a, "room")
     killed_at = time.monotonic()
     master.proc.kill()
     # New clients arrive through the balancer during the failover.
@@ -97,15 +84,10 @@ def test_a_sentinel_failover_costs_seconds_not_the_fleet(closer, tmp_path):
         assert n.call("join", "room")["ok"]
         newcomers.append(n)
 
-    def resumed():
-        # A publish made after the kill reached the other worker.
-        got = {d for d in c.data_received() if isinstance(d, int)}
-        return any(n in got and t > killed_at + 0.05 for n, t in sent)
-
-    wait_until(resumed, 15, interval=0.05, what="cross-worker delivery after the failover")
+    wait_until(lambda: publisher.reached_since(c, killed_at + 0.05), 15, interval=0.05,
+               what="cross-worker delivery after the failover")
     resumed_after = time.monotonic() - killed_at
-    stop.set()
-    publisher.join(5)
+    numbers = publisher.stop()
     print(f"cross-worker delivery resumed {resumed_after:.2f} s after the kill")
     assert resumed_after < 5, f"cross-worker delivery resumed {resumed_after:.1f} s after the kill"
 
@@ -117,7 +99,6 @@ def test_a_sentinel_failover_costs_seconds_not_the_fleet(closer, tmp_path):
         assert metric(m, "fleet_worker_redis_reconnects_total") >= 1
     assert "master" in cli(replica.port, "ROLE")[0]
     # Local delivery never stopped: a2 (same worker as the publisher) got every publish.
-    numbers = [n for n, _ in sent]
     wait_until(lambda: set(numbers) <= set(a2.data_received()), what="every publish on w0")
     assert len(a2.data_received()) == len(set(a2.data_received())), "no duplicates"
     # Every newcomer is a member that hears publishes again, wherever it was placed.

@@ -96,8 +96,10 @@ fn on_room(
                     }
                     Ok(room) => {
                         op(&s, room.clone());
-                        // Acknowledged once other workers' broadcasts to the room reach it.
-                        f.settled().await;
+                        // A join is acknowledged once other workers' broadcasts reach it.
+                        if event == EV_JOIN {
+                            f.settled().await;
+                        }
                         json!({ "ok": true, "room": room })
                     }
                     Err(why) => refusal(why),

@@ -131,7 +131,9 @@ impl<E: SocketEmitter> CoreAdapter<E> for FleetAdapter<E> {
 
     fn new(state: &Self::State, local: CoreLocalAdapter<E>) -> Self {
         let sink = Arc::new(OnceLock::new());
-        let hook = state.rooms.hook(local.path(), Arc::clone(&sink));
+        let hook = state
+            .rooms
+            .hook(local.path(), Arc::clone(&sink), &state.metrics);
         let uid = local.server_id();
         let local = local.with_room_hook(hook);
         FleetAdapter {

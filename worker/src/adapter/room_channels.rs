@@ -49,7 +49,7 @@ pub struct RoomChannels {
     reporter: Arc<Mutex<Reporter>>,
     applied: watch::Receiver<u64>,
     /// Each namespace's delivery function, set once its adapter is initialised.
-    sinks: Arc<Mutex<HashMap<String, Arc<OnceLock<Sink>>>>>,
+    sinks: Arc<Mutex<HashMap<String, Sink>>>,
 }
 
 /// The task that applies the changes (see [`RoomChannels::new`]).
@@ -57,7 +57,7 @@ pub struct Applier {
     link: RedisLink,
     rx: mpsc::UnboundedReceiver<Change>,
     applied: watch::Sender<u64>,
-    sinks: Arc<Mutex<HashMap<String, Arc<OnceLock<Sink>>>>>,
+    sinks: Arc<Mutex<HashMap<String, Sink>>>,
     metrics: WorkerMetrics,
 }
 
@@ -92,8 +92,14 @@ impl RoomChannels {
 
     /// The hook the local adapter of namespace `ns` reports its room changes to; `sink` will
     /// hold the namespace's delivery function once its adapter is initialised.
-    pub fn hook(&self, ns: &str, sink: Arc<OnceLock<Sink>>) -> RoomHook {
-        self.sinks.lock().unwrap().insert(ns.to_owned(), sink);
+    pub fn hook(&self, ns: &str, sink: Arc<OnceLock<Sink>>, metrics: &WorkerMetrics) -> RoomHook {
+        // A message that arrives before the adapter is initialised has nowhere to go.
+        let ignored = metrics.pubsub_ignored.clone();
+        let delivery: Sink = Arc::new(move |channel: &str, payload: &[u8]| match sink.get() {
+            Some(sink) => sink(channel, payload),
+            None => ignored.inc(),
+        });
+        self.sinks.lock().unwrap().insert(ns.to_owned(), delivery);
         let this = self.clone();
         let ns = ns.to_owned();
         Box::new(move |room: &Room, exists: bool| {
@@ -169,15 +175,12 @@ impl Applier {
         }
     }
 
-    /// Delivery for namespace `ns`'s room channels, through its adapter once initialised.
+    /// Delivery for namespace `ns`'s room channels (see [`RoomChannels::hook`]).
     fn sink_of(&self, ns: &str) -> Sink {
-        let slot = self.sinks.lock().unwrap().get(ns).cloned();
-        let metrics = self.metrics.clone();
-        Arc::new(
-            move |channel: &str, payload: &[u8]| match slot.as_ref().and_then(|s| s.get()) {
-                Some(sink) => sink(channel, payload),
-                None => metrics.pubsub_ignored.inc(),
-            },
-        )
+        let sink = self.sinks.lock().unwrap().get(ns).cloned();
+        sink.unwrap_or_else(|| {
+            let ignored = self.metrics.pubsub_ignored.clone();
+            Arc::new(move |_: &str, _: &[u8]| ignored.inc())
+        })
     }
 }

@@ -41,23 +41,7 @@ impl RedisConnection {
         channels: &[String],
         sharded: bool,
     ) -> RedisResult<()> {
-        match self {
-            RedisConnection::Single(c) => c.subscribe(channels).await,
-            RedisConnection::Cluster(c) if sharded => {
-                // One command per channel: channels of different slots live on different
-                // shards, and one SSUBSCRIBE may only name channels of one slot.
-                for batch in channels.chunks(SHARDED_IN_FLIGHT) {
-                    let results = join_all(batch.iter().map(|chan| {
-                        let mut c = c.clone();
-                        async move { c.ssubscribe(chan).await }
-                    }))
-                    .await;
-                    results.into_iter().collect::<RedisResult<Vec<()>>>()?;
-                }
-                Ok(())
-            }
-            RedisConnection::Cluster(c) => c.subscribe(channels).await,
-        }
+        self.subscription(channels, sharded, true).await
     }
 
     /// Unsubscribe from `channels` (see [`RedisConnection::subscribe`]).
@@ -66,20 +50,39 @@ impl RedisConnection {
         channels: &[String],
         sharded: bool,
     ) -> RedisResult<()> {
+        self.subscription(channels, sharded, false).await
+    }
+
+    async fn subscription(
+        &mut self,
+        channels: &[String],
+        sharded: bool,
+        on: bool,
+    ) -> RedisResult<()> {
         match self {
+            RedisConnection::Single(c) if on => c.subscribe(channels).await,
             RedisConnection::Single(c) => c.unsubscribe(channels).await,
-            RedisConnection::Cluster(c) if sharded => {
+            RedisConnection::Cluster(c) if !sharded && on => c.subscribe(channels).await,
+            RedisConnection::Cluster(c) if !sharded => c.unsubscribe(channels).await,
+            RedisConnection::Cluster(c) => {
+                // One command per channel: channels of different slots live on different
+                // shards, and one SSUBSCRIBE may only name channels of one slot.
                 for batch in channels.chunks(SHARDED_IN_FLIGHT) {
                     let results = join_all(batch.iter().map(|chan| {
                         let mut c = c.clone();
-                        async move { c.sunsubscribe(chan).await }
+                        async move {
+                            if on {
+                                c.ssubscribe(chan).await
+                            } else {
+                                c.sunsubscribe(chan).await
+                            }
+                        }
                     }))
                     .await;
                     results.into_iter().collect::<RedisResult<Vec<()>>>()?;
                 }
                 Ok(())
             }
-            RedisConnection::Cluster(c) => c.unsubscribe(channels).await,
         }
     }
 
