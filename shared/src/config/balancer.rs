@@ -43,6 +43,52 @@ pub struct BalancerConfig {
     /// serves its own pages (`["/"]`: everything). Default none: such paths are answered 404.
     /// A worker's own `/metrics`, `/healthz`, `/readyz` and `/api/` are never forwarded.
     pub forward_paths: Vec<String>,
+    /// HTTPS/WSS on `listen`.
+    pub tls: TlsConfig,
+    /// Per-client-address limits.
+    pub limits: LimitsConfig,
+    /// How a worker is checked: `readyz` (default, our workers) or `engineio` (an Engine.IO
+    /// handshake on `socketio.path`: any Socket.IO server).
+    pub health_check: HealthCheck,
+}
+
+/// `balancer.tls`: with both files set, `listen` serves HTTPS/WSS only (TLS 1.2 and 1.3).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Re-read when it changes: new connections get the new
+    /// certificate, open ones continue.
+    pub cert_file: String,
+    /// PEM private key of the leaf certificate.
+    pub key_file: String,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty() && !self.key_file.is_empty()
+    }
+}
+
+/// `balancer.limits`: what one client address may do. 0 turns a limit off.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent connections (relayed, proxied or handed off) per client address.
+    pub connections_per_ip: u32,
+    /// New sessions (handshakes) per second per address: a token bucket, burst = 2 x rate.
+    pub handshakes_per_ip_per_sec: u32,
+}
+
+/// `balancer.health_check`: what a worker's probe asks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthCheck {
+    /// `GET /readyz` (fleet workers: readiness and load).
+    #[default]
+    Readyz,
+    /// An Engine.IO polling handshake on `socketio.path`: any Socket.IO server.
+    Engineio,
 }
 
 impl Default for BalancerConfig {
@@ -60,6 +106,9 @@ impl Default for BalancerConfig {
             reuse_port: false,
             max_header_bytes: 16 * 1024,
             forward_paths: Vec::new(),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            health_check: HealthCheck::Readyz,
         }
     }
 }

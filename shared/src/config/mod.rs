@@ -31,12 +31,12 @@ use serde::Deserialize;
 
 pub use api::ApiConfig;
 pub use auth::{AuthConfig, AuthMode, JwtConfig, ProxyAuthConfig, RoomsConfig};
-pub use balancer::{BalancerConfig, Placement};
+pub use balancer::{BalancerConfig, HealthCheck, LimitsConfig, Placement, TlsConfig};
 pub use error::ConfigError;
 pub use ip_network::IpNetwork;
 pub use location::locate_key;
 pub use redis::{RedisConfig, RedisTlsConfig};
-pub use socketio::{CorsConfig, SocketIoConfig};
+pub use socketio::{CorsConfig, SocketIoConfig, SocketLimits};
 pub use validate::{validate_host_port, validate_redis_url};
 pub use workers::{MAX_WORKERS, WorkersConfig};
 

@@ -26,6 +26,20 @@ pub struct SocketIoConfig {
     pub allow_eio3: bool,
     /// Browsers on other origins.
     pub cors: CorsConfig,
+    /// Per-socket limits.
+    pub limits: SocketLimits,
+}
+
+/// `socketio.limits`: what one socket may do. 0 turns a limit off.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketLimits {
+    /// Events per second per socket: a token bucket, burst = 2 x rate. Excess events are
+    /// dropped and counted (`fleet_worker_limited_total{kind="events"}`).
+    pub events_per_sec: u32,
+    /// Rooms one socket may be in (its own room not counted); a join beyond it is acked
+    /// `{"ok": false, "error": "too many rooms"}`.
+    pub max_rooms_per_socket: u32,
 }
 
 /// `socketio.cors`: which web origins may use the fleet from a browser.
@@ -53,6 +67,7 @@ impl Default for SocketIoConfig {
             ws_read_buffer_bytes: 1024,
             allow_eio3: false,
             cors: CorsConfig::default(),
+            limits: SocketLimits::default(),
         }
     }
 }

@@ -155,6 +155,21 @@ fn balancer(b: &BalancerConfig) -> Result<(), Refusal> {
             "must be 1024 to 1048576".into(),
         ));
     }
+    match (b.tls.cert_file.is_empty(), b.tls.key_file.is_empty()) {
+        (false, true) => {
+            return Err((
+                "balancer.tls.key_file",
+                "must be set with balancer.tls.cert_file".into(),
+            ));
+        }
+        (true, false) => {
+            return Err((
+                "balancer.tls.cert_file",
+                "must be set with balancer.tls.key_file".into(),
+            ));
+        }
+        _ => {}
+    }
     Ok(())
 }
 
@@ -407,6 +422,42 @@ mod tests {
         let ok = FleetConfig::from_yaml_str("socketio:\n  ws_read_buffer_bytes: 4096\n").unwrap();
         assert_eq!(ok.socketio.ws_read_buffer_bytes, 4096);
         assert_eq!(FleetConfig::default().socketio.ws_read_buffer_bytes, 1024);
+    }
+
+    #[test]
+    fn edge_keys_parse_and_are_checked() {
+        let ok = FleetConfig::from_yaml_str(
+            "balancer:\n  tls: {cert_file: c.pem, key_file: k.pem}\n  limits: {connections_per_ip: 50, handshakes_per_ip_per_sec: 10}\n  health_check: engineio\nsocketio:\n  limits: {events_per_sec: 20, max_rooms_per_socket: 5}\n",
+        )
+        .unwrap();
+        assert!(ok.balancer.tls.enabled());
+        assert_eq!(ok.balancer.limits.connections_per_ip, 50);
+        assert_eq!(ok.balancer.limits.handshakes_per_ip_per_sec, 10);
+        assert_eq!(
+            ok.balancer.health_check,
+            super::super::HealthCheck::Engineio
+        );
+        assert_eq!(ok.socketio.limits.events_per_sec, 20);
+        assert_eq!(ok.socketio.limits.max_rooms_per_socket, 5);
+        assert!(!FleetConfig::default().balancer.tls.enabled());
+        for (yaml, key) in [
+            (
+                "balancer:\n  tls: {cert_file: c.pem}\n",
+                "balancer.tls.key_file",
+            ),
+            (
+                "balancer:\n  tls: {key_file: k.pem}\n",
+                "balancer.tls.cert_file",
+            ),
+            ("balancer:\n  health_check: tcp\n", "balancer.health_check"),
+            (
+                "balancer:\n  limits: {per_ip: 3}\n",
+                "balancer.limits.per_ip",
+            ),
+        ] {
+            let err = FleetConfig::from_yaml_str(yaml).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{yaml}: {err}");
+        }
     }
 
     #[test]
