@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+import requests.adapters
 import socketio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,10 +272,30 @@ def metric(metrics, name, **labels):
     return total
 
 
+class _SourceAddress(requests.adapters.HTTPAdapter):
+    def __init__(self, source):
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def session_from(source):
+    """A requests session whose connections come from local address `source` (127.0.0.2: a
+    second client address on one machine)."""
+    s = requests.Session()
+    s.mount("http://", _SourceAddress(source))
+    return s
+
+
 class Client:
     """A python-socketio client that records what it receives and how it disconnects."""
 
-    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c"):
+    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None):
+        """`source`: a local address to connect from (polling only: the WebSocket library
+        cannot bind one)."""
         self.name = name
         self.url = url
         self.transports = list(transports)
@@ -283,9 +304,13 @@ class Client:
         self.disconnect_reasons = []
         self.disconnected_at = []  # time.monotonic() of each disconnect
         self._lock = threading.Lock()
+        extra = {}
+        if source is not None:
+            assert self.transports == ["polling"], "a source address is for polling clients"
+            extra["http_session"] = session_from(source)
         self.sio = socketio.Client(
             reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
-            randomization_factor=0.2, request_timeout=5,
+            randomization_factor=0.2, request_timeout=5, **extra,
         )
         self.sio.on("message", self._on_message)
         self.sio.on("connect", self._on_connect)

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod limits;
 pub mod metrics;
 pub mod placement;
 pub mod proxy;
@@ -83,6 +84,8 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
     let handoffs = Arc::new(proxy::handoff::Handoffs::default());
 
+    let rejections = Arc::new(proxy::rejections::RejectLog::default());
+    let limits = limits::AddressLimits::new(&cfg.balancer.limits);
     let (close_tunnels, tunnels_closing) = shared::shutdown::channel();
     server.add_service(background_service(
         "relayed websockets",
@@ -98,9 +101,17 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
                     Arc::clone(&handoffs),
                     tunnels_closing,
                     cfg,
+                    Arc::clone(&rejections),
+                    limits.clone(),
                 ),
             ),
-            cfg.balancer.header_timeout_secs,
+            proxy::front::FrontConfig {
+                header_timeout: Duration::from_secs(cfg.balancer.header_timeout_secs),
+                max_header_bytes: cfg.balancer.max_header_bytes,
+                trusted: cfg.balancer.trusted_proxies.clone(),
+                limits,
+                rejections,
+            },
         ),
     );
     let mut socket = TcpSocketOptions::default();

@@ -212,6 +212,10 @@ impl BackgroundService for Supervisor {
         }
         // Every worker sees the shutdown too: wait for them all to drain.
         while workers.next().await.is_some() {}
+        // pingora would sleep out the rest of its grace period; with every worker gone there
+        // is nothing left to serve or to wait for (their connections went with them).
+        tracing::info!("every worker has stopped: exiting");
+        std::process::exit(0);
     }
 }
 

@@ -7,10 +7,11 @@
 //! The channel is a Unix datagram socket pair made by the supervisor per worker process; the
 //! worker finds its end in the descriptor named by [`FD_ENV`]. Two messages, one per
 //! direction, one per datagram (so neither needs framing):
-//! - balancer → worker: the request head, exactly as it would arrive over TCP, plus one
-//!   descriptor.
-//! - worker → balancer: a count of handed-over connections that have closed since the last
-//!   note (8 bytes, little-endian), so the balancer's gauge of open WebSockets stays true.
+//! - balancer → worker: the connection's id (8 bytes, little-endian), then the request head,
+//!   exactly as it would arrive over TCP, plus one descriptor.
+//! - worker → balancer: the ids of handed-over connections that have closed since the last
+//!   note (8 bytes each, little-endian), so the balancer's gauge of open WebSockets and its
+//!   per-address connection counts stay true.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -25,20 +26,27 @@ pub const FD_ENV: &str = "FLEET_HANDOFF_FD";
 /// `max_header_bytes`, at most 1 MiB by pingora's parser) stays well under this.
 pub const MAX_MESSAGE: usize = 128 * 1024;
 
-/// Sends a connection: `head` and the descriptor `fd` in one datagram. Waits while the worker's
-/// queue is full. The descriptor stays open here: the caller closes its copy once this returns.
+/// Ids per close note: one datagram of 32 KiB.
+const IDS_PER_NOTE: usize = 4096;
+
+/// Sends connection `id`: `head` and the descriptor `fd` in one datagram. Waits while the
+/// worker's queue is full. The descriptor stays open here: the caller closes its copy once
+/// this returns.
 ///
 /// # Errors
 /// The worker is gone (`ECONNREFUSED`), or the head is too large to send.
-pub async fn send_conn(sock: &UnixDatagram, head: &[u8], fd: RawFd) -> io::Result<()> {
+pub async fn send_conn(sock: &UnixDatagram, id: u64, head: &[u8], fd: RawFd) -> io::Result<()> {
+    let mut message = Vec::with_capacity(8 + head.len());
+    message.extend_from_slice(&id.to_le_bytes());
+    message.extend_from_slice(head);
     loop {
         sock.writable().await?;
-        match sock.send_with_fd(head, &[fd]) {
-            Ok(n) if n == head.len() => return Ok(()),
+        match sock.send_with_fd(&message, &[fd]) {
+            Ok(n) if n == message.len() => return Ok(()),
             Ok(n) => {
                 return Err(io::Error::other(format!(
                     "sent {n} of {} bytes",
-                    head.len()
+                    message.len()
                 )));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -50,6 +58,8 @@ pub async fn send_conn(sock: &UnixDatagram, head: &[u8], fd: RawFd) -> io::Resul
 /// A connection received from the balancer.
 #[derive(Debug)]
 pub struct Received {
+    /// The balancer's id for it, to report it closed by.
+    pub id: u64,
     /// The request head, to be read before anything from the socket.
     pub head: Vec<u8>,
     /// The client's socket; `None` when it did not arrive (the worker is out of descriptors:
@@ -79,30 +89,44 @@ pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Receiv
         let fd = owned.next();
         // The balancer sends one; any more are owned and closed here, not leaked.
         owned.for_each(drop);
+        if len < 8 {
+            // Not from a balancer of this version: nothing to report it by.
+            continue;
+        }
+        let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
         return Ok(Received {
-            head: buf[..len].to_vec(),
+            id,
+            head: buf[8..len].to_vec(),
             fd,
         });
     }
 }
 
-/// Tells the balancer that `closed` handed-over connections have ended.
+/// Tells the balancer that the handed-over connections `closed` have ended.
 ///
 /// # Errors
 /// The balancer is gone.
-pub async fn send_closed(sock: &UnixDatagram, closed: u64) -> io::Result<()> {
-    sock.send(&closed.to_le_bytes()).await.map(|_| ())
+pub async fn send_closed(sock: &UnixDatagram, closed: &[u64]) -> io::Result<()> {
+    for ids in closed.chunks(IDS_PER_NOTE) {
+        let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        sock.send(&bytes).await?;
+    }
+    Ok(())
 }
 
-/// Waits for the worker's next count of closed connections.
+/// Waits for the worker's next note of closed connections: their ids.
 ///
 /// # Errors
 /// The channel failed.
-pub async fn recv_closed(sock: &UnixDatagram) -> io::Result<u64> {
-    let mut buf = [0u8; 8];
+pub async fn recv_closed(sock: &UnixDatagram) -> io::Result<Vec<u64>> {
+    let mut buf = vec![0u8; 8 * IDS_PER_NOTE];
     loop {
-        if sock.recv(&mut buf).await? == 8 {
-            return Ok(u64::from_le_bytes(buf));
+        let n = sock.recv(&mut buf).await?;
+        if n > 0 && n % 8 == 0 {
+            return Ok(buf[..n]
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect());
         }
     }
 }
@@ -158,31 +182,40 @@ mod tests {
         let (balancer, worker) = pair().unwrap();
         let worker = worker_end(worker).unwrap();
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        send_conn(&balancer, b"GET / HTTP/1.1\r\n\r\n", server.as_raw_fd())
+        send_conn(&balancer, 42, b"GET / HTTP/1.1\r\n\r\n", server.as_raw_fd())
             .await
             .unwrap();
         drop(server); // the balancer's copy: the worker's still works
         let mut buf = vec![0u8; MAX_MESSAGE];
         let got = recv_conn(&worker, &mut buf).await.unwrap();
         assert_eq!(got.head, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(got.id, 42);
         let mut passed = std::os::unix::net::UnixStream::from(got.fd.unwrap());
         passed.write_all(b"hi").unwrap();
         let mut two = [0u8; 2];
         client.read_exact(&mut two).unwrap();
         assert_eq!(&two, b"hi");
 
-        send_closed(&worker, 3).await.unwrap();
-        assert_eq!(recv_closed(&balancer).await.unwrap(), 3);
+        send_closed(&worker, &[42, 7]).await.unwrap();
+        assert_eq!(recv_closed(&balancer).await.unwrap(), vec![42, 7]);
+        // A long list goes in several notes, none lost.
+        let many: Vec<u64> = (0..10_000).collect();
+        send_closed(&worker, &many).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < many.len() {
+            got.extend(recv_closed(&balancer).await.unwrap());
+        }
+        assert_eq!(got, many);
     }
 
     #[tokio::test]
     async fn a_message_without_a_descriptor_arrives_as_such() {
         let (balancer, worker) = pair().unwrap();
         let worker = worker_end(worker).unwrap();
-        balancer.send(b"no fd").await.unwrap();
+        balancer.send(b"\x05\0\0\0\0\0\0\0no fd").await.unwrap();
         let mut buf = vec![0u8; 64];
         let got = recv_conn(&worker, &mut buf).await.unwrap();
-        assert_eq!(got.head, b"no fd");
+        assert_eq!((got.id, &got.head[..]), (5, &b"no fd"[..]));
         assert!(got.fd.is_none());
     }
 
@@ -192,7 +225,7 @@ mod tests {
         drop(worker);
         let (_client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(
-            send_conn(&balancer, b"head", server.as_raw_fd())
+            send_conn(&balancer, 1, b"head", server.as_raw_fd())
                 .await
                 .is_err()
         );
@@ -209,7 +242,10 @@ mod tests {
         let (mut second_peer, second) = std::os::unix::net::UnixStream::pair().unwrap();
         balancer.writable().await.unwrap();
         balancer
-            .send_with_fd(b"head", &[first.as_raw_fd(), second.as_raw_fd()])
+            .send_with_fd(
+                b"\x01\0\0\0\0\0\0\0head",
+                &[first.as_raw_fd(), second.as_raw_fd()],
+            )
             .unwrap();
         drop((first, second)); // the sender's copies
         let mut buf = vec![0u8; 64];

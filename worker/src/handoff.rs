@@ -3,8 +3,7 @@
 //! one; when it ends, the balancer is told, so its gauge of open WebSockets stays true.
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use shared::handoff;
 use tokio::net::{TcpStream, UnixDatagram};
@@ -37,19 +36,20 @@ impl HandoffChannel {
     pub async fn accept(&mut self) -> io::Result<HandedOff> {
         loop {
             let received = handoff::recv_conn(&self.sock, &mut self.buf).await?;
+            let id = received.id;
             match received.fd.map(adopt) {
                 Some(Ok(stream)) => {
                     return Ok(HandedOff {
                         stream,
                         head: received.head,
-                        closed: CloseReport(Arc::clone(&self.closed)),
+                        closed: CloseReport(Arc::clone(&self.closed), received.id),
                     });
                 }
                 Some(Err(e)) => tracing::warn!("a handed-over connection is unusable: {e}"),
                 None => tracing::warn!("a handed-over connection arrived without its socket"),
             }
             // The balancer counted this connection: report it closed, as it is.
-            self.closed.note();
+            self.closed.note(id);
         }
     }
 }
@@ -62,16 +62,17 @@ fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Closed connections not yet reported; a burst of closes becomes one message.
+/// Closed connections not yet reported, by the balancer's ids; a burst of closes becomes one
+/// message.
 #[derive(Default)]
 struct ClosedNotes {
-    count: AtomicU64,
+    ids: Mutex<Vec<u64>>,
     wake: Notify,
 }
 
 impl ClosedNotes {
-    fn note(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
+    fn note(&self, id: u64) {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
         self.wake.notify_one();
     }
 }
@@ -79,8 +80,8 @@ impl ClosedNotes {
 async fn report_closed(sock: Arc<UnixDatagram>, closed: Arc<ClosedNotes>) {
     loop {
         closed.wake.notified().await;
-        let n = closed.count.swap(0, Ordering::AcqRel);
-        if n > 0 && handoff::send_closed(&sock, n).await.is_err() {
+        let ids = std::mem::take(&mut *closed.ids.lock().unwrap_or_else(|p| p.into_inner()));
+        if !ids.is_empty() && handoff::send_closed(&sock, &ids).await.is_err() {
             return;
         }
     }
@@ -98,11 +99,11 @@ pub struct HandedOff {
 }
 
 /// Reports its connection closed to the balancer when dropped.
-pub struct CloseReport(Arc<ClosedNotes>);
+pub struct CloseReport(Arc<ClosedNotes>, u64);
 
 impl Drop for CloseReport {
     fn drop(&mut self) {
-        self.0.note();
+        self.0.note(self.1);
     }
 }
 
@@ -121,7 +122,7 @@ mod tests {
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        handoff::send_conn(&balancer, b"HEAD;", accepted.as_raw_fd())
+        handoff::send_conn(&balancer, 9, b"HEAD;", accepted.as_raw_fd())
             .await
             .unwrap();
         drop(accepted);
@@ -140,7 +141,7 @@ mod tests {
         assert_eq!(&reply, b"reply");
 
         drop(conn);
-        assert_eq!(handoff::recv_closed(&balancer).await.unwrap(), 1);
+        assert_eq!(handoff::recv_closed(&balancer).await.unwrap(), vec![9]);
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "the client sees the close");
@@ -150,9 +151,12 @@ mod tests {
     async fn a_connection_that_arrives_without_its_socket_is_reported_closed() {
         let (balancer, worker_fd) = handoff::pair().unwrap();
         let mut channel = HandoffChannel::new(handoff::worker_end(worker_fd).unwrap());
-        balancer.send(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        balancer
+            .send(b"\x03\0\0\0\0\0\0\0GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
         let accepting = tokio::spawn(async move { channel.accept().await.map(|_| ()) });
-        assert_eq!(handoff::recv_closed(&balancer).await.unwrap(), 1);
+        assert_eq!(handoff::recv_closed(&balancer).await.unwrap(), vec![3]);
         assert!(
             !accepting.is_finished(),
             "it waits for the next, usable one"

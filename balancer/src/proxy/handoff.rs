@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::net::UnixDatagram;
 use tokio::task::AbortHandle;
 
 use super::raw_http;
+use crate::limits::ConnSlot;
 use crate::metrics::METRICS;
 
 /// Every live channel, by worker label (`w0`, `w1`, …: what the supervisor names a worker and
@@ -41,7 +43,7 @@ impl Handoffs {
         let channel = Arc::new(Channel {
             sock,
             count: Mutex::new(Count {
-                open: 0,
+                open: HashMap::new(),
                 dead: false,
             }),
             gauge: METRICS.websockets.with_label_values(&[label]),
@@ -88,17 +90,23 @@ pub struct Channel {
     gauge: IntGauge,
 }
 
-/// Connections passed and not yet reported closed. Once the worker is gone the count is
-/// settled, and late reports (a pass that failed as the worker died) must not move the gauge.
+/// Connections passed and not yet reported closed, by id, each with its slot in its client
+/// address's count. Once the worker is gone they are settled, and late reports (a pass that
+/// failed as the worker died) must not move the gauge.
 struct Count {
-    open: i64,
+    open: HashMap<u64, ConnSlot>,
     dead: bool,
 }
 
+/// Ids of passed connections, unique in this process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 impl Channel {
     /// Passes the client connection of `session`, with `head` (the request as the worker is to
-    /// read it), to the worker. On success the session no longer holds the connection and the
-    /// caller answers nothing; on failure nothing was passed and the session is as it was.
+    /// read it), to the worker, with the connection's `slot` in its address's count, held until
+    /// the worker reports it closed. On success the session no longer holds the connection and
+    /// the caller answers nothing; on failure nothing was passed and the session is as it was
+    /// (the slot is handed back).
     ///
     /// # Errors
     /// The worker is gone, or did not take the connection within `limit`.
@@ -107,15 +115,21 @@ impl Channel {
         session: &mut Session,
         head: &[u8],
         limit: Duration,
-    ) -> io::Result<()> {
+        slot: ConnSlot,
+    ) -> Result<(), (io::Error, ConnSlot)> {
         let fd = session
             .downstream_session
             .stream()
             .map(|s| s.id())
-            .ok_or_else(|| io::Error::other("not an HTTP/1 connection"))?;
+            .ok_or_else(|| io::Error::other("not an HTTP/1 connection"));
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => return Err((e, slot)),
+        };
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         // Counted before sending: the worker may report it closed before `send` returns.
-        self.add(1);
-        let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, head, fd))
+        self.add(id, slot);
+        let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, id, head, fd))
             .await
             .unwrap_or_else(|_| {
                 Err(io::Error::new(
@@ -125,31 +139,44 @@ impl Channel {
             });
         match sent {
             // The worker has its own descriptor now; closing ours leaves the socket open.
-            Ok(()) => drop(raw_http::take_client(session)),
-            Err(_) => self.add(-1),
+            Ok(()) => {
+                drop(raw_http::take_client(session));
+                Ok(())
+            }
+            Err(e) => Err((e, self.remove(id).unwrap_or_default())),
         }
-        sent
     }
 
-    fn add(&self, n: i64) {
+    fn add(&self, id: u64, slot: ConnSlot) {
         let mut count = self.count.lock().unwrap();
         if !count.dead {
-            count.open += n;
-            self.gauge.add(n);
+            count.open.insert(id, slot);
+            self.gauge.inc();
         }
+    }
+
+    fn remove(&self, id: u64) -> Option<ConnSlot> {
+        let mut count = self.count.lock().unwrap();
+        let slot = count.open.remove(&id);
+        if slot.is_some() {
+            self.gauge.dec();
+        }
+        slot
     }
 
     /// The worker is gone: whatever it still held is closed.
     fn settle(&self) {
         let mut count = self.count.lock().unwrap();
-        self.gauge.sub(count.open);
-        count.open = 0;
+        self.gauge.sub(count.open.len() as i64);
+        count.open.clear();
         count.dead = true;
     }
 }
 
 async fn count_closed(channel: Arc<Channel>) {
     while let Ok(closed) = handoff::recv_closed(&channel.sock).await {
-        channel.add(-(closed.min(i64::MAX as u64) as i64));
+        for id in closed {
+            channel.remove(id);
+        }
     }
 }

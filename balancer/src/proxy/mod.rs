@@ -29,6 +29,7 @@ use shared::FleetConfig;
 use shared::config::IpNetwork;
 use shared::shutdown::Shutdown;
 
+use crate::limits::{AddressLimits, ConnSlot};
 use crate::metrics::{HandoffOutcome, METRICS};
 use crate::routing::{self, Carry, Class, Decision, Refusal, Route, Router, StickyReason};
 use crate::sticky::{Tag, open_packet};
@@ -58,6 +59,8 @@ pub struct Ctx {
     session_gone: bool,
     /// The client's address as routing judged it (`balancer.trusted_proxies` applied).
     client: Option<std::net::IpAddr>,
+    /// What the listener knows of this request's connection.
+    conn: Option<Arc<front::ConnInfo>>,
     started: Instant,
 }
 
@@ -70,7 +73,8 @@ pub struct FleetProxy {
     upstream_read_timeout: Duration,
     ws_read_timeout: Duration,
     closing: ws_tunnel::Closing,
-    rejections: RejectLog,
+    rejections: Arc<RejectLog>,
+    limits: Option<Arc<AddressLimits>>,
 }
 
 impl FleetProxy {
@@ -82,6 +86,8 @@ impl FleetProxy {
         handoffs: Arc<Handoffs>,
         closing: Shutdown,
         cfg: &FleetConfig,
+        rejections: Arc<RejectLog>,
+        limits: Option<Arc<AddressLimits>>,
     ) -> Self {
         let heartbeat =
             Duration::from_millis(cfg.socketio.ping_interval_ms + cfg.socketio.ping_timeout_ms);
@@ -102,7 +108,8 @@ impl FleetProxy {
                     .min(cfg.grace_period())
                     .mul_f64(0.9),
             ),
-            rejections: RejectLog::default(),
+            rejections,
+            limits,
         }
     }
 
@@ -150,6 +157,7 @@ impl FleetProxy {
             &format_args!("{} {target} from {peer}", req.method),
         );
         let (status, body) = class.response();
+        let retry_after = refusal.retry_after;
         let json = body.starts_with('{');
         let content_type = if json {
             "application/json"
@@ -158,9 +166,12 @@ impl FleetProxy {
         };
         // A browser page on an allowed origin may read why (a worker's refusals say it too).
         let cors = self.router.cors().headers(origin(session));
-        let mut resp = ResponseHeader::build(status, Some(3 + cors.len()))?;
+        let mut resp = ResponseHeader::build(status, Some(4 + cors.len()))?;
         resp.insert_header("Content-Type", content_type)?;
         resp.insert_header("Content-Length", body.len().to_string())?;
+        if let Some(secs) = retry_after {
+            resp.insert_header("Retry-After", secs.to_string())?;
+        }
         for (name, value) in cors {
             resp.insert_header(name, value)?;
         }
@@ -288,15 +299,20 @@ impl FleetProxy {
         let channel = (route.carry == Carry::HandOff)
             .then(|| self.handoffs.get(label))
             .flatten();
+        let early = ctx.after_upgrade();
         if let Some(channel) = channel {
-            let head = raw_http::serialize(&req);
-            match channel.pass(session, &head, CONNECT_TIMEOUT).await {
+            let mut head = raw_http::serialize(&req);
+            // What the client sent after its request is read by the worker right after it.
+            head.extend_from_slice(&early);
+            let slot = ctx.take_slot();
+            match channel.pass(session, &head, CONNECT_TIMEOUT, slot).await {
                 Ok(()) => {
                     METRICS.handoff(HandoffOutcome::Passed);
                     ctx.websocket = true;
                     return Ok(Attempt::Done(true));
                 }
-                Err(e) => {
+                Err((e, slot)) => {
+                    ctx.put_slot(slot);
                     // E.g. the worker died a moment ago: its restart gets a new channel.
                     METRICS.handoff(HandoffOutcome::Relayed);
                     self.rejections.note(
@@ -313,7 +329,17 @@ impl FleetProxy {
             closing: self.closing.clone(),
         };
         let open = METRICS.websockets.with_label_values(&[label]);
-        match ws_tunnel::run(session, route.worker.addr(), &req, &limits, open).await {
+        let slot = || ctx.take_slot();
+        let tunnel = ws_tunnel::run(
+            session,
+            route.worker.addr(),
+            &req,
+            &early,
+            &limits,
+            open,
+            slot,
+        );
+        match tunnel.await {
             Ok(ws_tunnel::Outcome::Tunnelled) => ctx.websocket = true,
             Ok(ws_tunnel::Outcome::Refused) => {}
             Err(e) => {
@@ -326,6 +352,15 @@ impl FleetProxy {
     }
 }
 
+/// Whether a request announces a body.
+fn has_body(req: &RequestHeader) -> bool {
+    req.headers.contains_key("transfer-encoding")
+        || req
+            .headers
+            .get("content-length")
+            .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
 /// The request's `Origin` header.
 fn origin(session: &Session) -> Option<&[u8]> {
     session
@@ -333,6 +368,29 @@ fn origin(session: &Session) -> Option<&[u8]> {
         .headers
         .get("origin")
         .map(|v| v.as_bytes())
+}
+
+impl Ctx {
+    /// The bytes that followed the upgrade request on its connection (kept by the listener).
+    fn after_upgrade(&self) -> Bytes {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.after_upgrade.lock().unwrap().clone())
+            .unwrap_or_default()
+    }
+
+    fn take_slot(&self) -> ConnSlot {
+        self.conn
+            .as_ref()
+            .map(|c| std::mem::take(&mut *c.slot.lock().unwrap()))
+            .unwrap_or_default()
+    }
+
+    fn put_slot(&self, slot: ConnSlot) {
+        if let Some(conn) = &self.conn {
+            *conn.slot.lock().unwrap() = slot;
+        }
+    }
 }
 
 /// How one upgrade attempt ended.
@@ -387,8 +445,19 @@ impl ProxyHttp for FleetProxy {
             websocket: false,
             session_gone: false,
             client: None,
+            conn: None,
             started: Instant::now(),
         }
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+        conn: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        // Set by the listener (`front`) on every request of a connection.
+        ctx.conn = conn.downcast::<Arc<front::ConnInfo>>().ok().map(|c| *c);
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
@@ -400,6 +469,12 @@ impl ProxyHttp for FleetProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let request = self.request(session);
         ctx.client = request.client;
+        if request.upgrade && has_body(session.req_header()) {
+            // A client's WebSocket frames must wait for the 101 (RFC 6455 4.1).
+            return self
+                .refuse(session, Refusal::plain(Class::BadRequest))
+                .await;
+        }
         let decision = self.router.route(&request, &self.workers.snapshot());
         let route = match decision {
             Decision::Refuse(refusal) => return self.refuse(session, refusal).await,
@@ -414,6 +489,12 @@ impl ProxyHttp for FleetProxy {
                 session.req_header_mut().set_uri(uri);
             }
             routing::Session::New => {
+                if let (Some(limits), Some(ip)) = (&self.limits, ctx.client)
+                    && let Err(limited) = limits.handshake(ip)
+                {
+                    let refusal = Refusal::limited(limited.retry_after_secs);
+                    return self.refuse(session, refusal).await;
+                }
                 // Kept for placing it again should its worker fail (`place_again`).
                 ctx.key = routing::placement_key(&request);
                 self.count_placement(&route);

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::raw_http;
+use crate::limits::ConnSlot;
 
 /// The largest response head a worker may send.
 const MAX_HEAD: usize = 16 * 1024;
@@ -98,20 +99,27 @@ const COPY_BUF: usize = 4096;
 /// closes. An error means the worker failed before the client was sent anything: the caller
 /// answers 502. Once the worker has accepted, the tunnel runs in a task of its own (so none of
 /// pingora's per-request state stays alive with it) and `open` counts it while it lasts.
+/// `early` is what the client sent after its request (it reaches the worker right after the
+/// request, as it would directly); `slot` gives the connection's place in its address's count,
+/// held while the tunnel lasts.
 pub async fn run(
     session: &mut Session,
     addr: SocketAddr,
     req: &RequestHeader,
+    early: &[u8],
     limits: &Limits,
     open: IntGauge,
+    slot: impl FnOnce() -> ConnSlot,
 ) -> Result<Outcome> {
     let mut upstream = timeout(limits.connect, TcpStream::connect(addr))
         .await
         .or_err(ErrorType::ConnectTimedout, "connecting to worker")?
         .or_err(ErrorType::ConnectRefused, "connecting to worker")?;
     upstream.set_nodelay(true).ok();
+    let mut request = raw_http::serialize(req);
+    request.extend_from_slice(early);
     upstream
-        .write_all(&raw_http::serialize(req))
+        .write_all(&request)
         .await
         .or_err(ErrorType::WriteError, "sending upgrade request to worker")?;
 
@@ -134,7 +142,9 @@ pub async fn run(
     open.inc();
     let idle = limits.idle;
     let closing = limits.closing.clone();
+    let slot = slot();
     tokio::spawn(async move {
+        let _slot = slot;
         // The worker's 101 goes to the client byte for byte, then whatever followed it.
         if client.write_all(&raw_head).await.is_ok()
             && client.write_all(&rest).await.is_ok()

@@ -110,6 +110,8 @@ pub struct Refusal {
     /// When stickiness refused it, why, as counted in
     /// `fleet_balancer_sticky_rejects_total{reason}`.
     pub sticky: Option<StickyReason>,
+    /// The `Retry-After` to send, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -118,6 +120,7 @@ impl Refusal {
         Refusal {
             class,
             sticky: None,
+            retry_after: None,
         }
     }
 
@@ -126,6 +129,16 @@ impl Refusal {
         Refusal {
             class,
             sticky: Some(reason),
+            retry_after: None,
+        }
+    }
+
+    /// A client address over a limit, told when to try again.
+    pub fn limited(retry_after_secs: u64) -> Self {
+        Refusal {
+            class: Class::RateLimited,
+            sticky: None,
+            retry_after: Some(retry_after_secs),
         }
     }
 }
@@ -147,6 +160,15 @@ pub enum Class {
     UpstreamFailed,
     /// A handshake or upgrade from a web origin `socketio.cors.origins` does not list: 403.
     Forbidden,
+    /// A request line over `balancer.max_header_bytes`: 414.
+    UriTooLong,
+    /// A client address over a `balancer.limits` limit: 429 with `Retry-After`.
+    RateLimited,
+    /// A first request head that did not arrive whole within `balancer.header_timeout_secs`:
+    /// 408, and the connection closed.
+    HeaderTimeout,
+    /// A connection closed partway through its first request head: counted, nothing to answer.
+    IncompleteHead,
 }
 
 const SESSION_UNKNOWN: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
@@ -154,7 +176,7 @@ const BAD_REQUEST: &str = r#"{"code":3,"message":"Bad request"}"#;
 
 impl Class {
     /// Every class.
-    pub const ALL: [Class; 7] = [
+    pub const ALL: [Class; 11] = [
         Class::NotFound,
         Class::BadRequest,
         Class::SessionUnknown,
@@ -162,6 +184,10 @@ impl Class {
         Class::NoWorker,
         Class::UpstreamFailed,
         Class::Forbidden,
+        Class::UriTooLong,
+        Class::RateLimited,
+        Class::HeaderTimeout,
+        Class::IncompleteHead,
     ];
 
     /// The label value.
@@ -174,6 +200,10 @@ impl Class {
             Class::NoWorker => "no_worker",
             Class::UpstreamFailed => "upstream_failed",
             Class::Forbidden => "forbidden",
+            Class::UriTooLong => "uri_too_long",
+            Class::RateLimited => "rate_limited",
+            Class::HeaderTimeout => "header_timeout",
+            Class::IncompleteHead => "incomplete_head",
         }
     }
 
@@ -187,6 +217,10 @@ impl Class {
             Class::NoWorker => (503, "no worker ready\n"),
             Class::UpstreamFailed => (502, "worker unavailable\n"),
             Class::Forbidden => (403, shared::cors::FORBIDDEN_BODY),
+            Class::UriTooLong => (414, "request line too long\n"),
+            Class::RateLimited => (429, "too many requests from this address\n"),
+            Class::HeaderTimeout => (408, "request head timed out\n"),
+            Class::IncompleteHead => (400, "incomplete request head\n"),
         }
     }
 }

@@ -120,7 +120,12 @@ impl Router {
         if (req.upgrade || params.sid.is_none()) && !self.cors.admits(req.origin) {
             return Err(Refusal::plain(Class::Forbidden));
         }
-        let carry = match (req.upgrade, self.handoff) {
+        // Only a WebSocket's upgrade leaves the proxy loop: a polling request that carries
+        // upgrade headers is proxied as the polling request it is.
+        let carry = match (
+            req.upgrade && transport == Transport::WebSocket,
+            self.handoff,
+        ) {
             (false, _) => Carry::Proxy,
             (true, true) => Carry::HandOff,
             (true, false) => Carry::Relay,

@@ -171,7 +171,8 @@ fn check_row(
     assert!(r.worker.is_up(), "{case}");
     let transport = Transport::parse(transport.unwrap()).unwrap();
     assert_eq!(r.transport, transport, "{case}");
-    let carry = match (upgrade, handoff) {
+    // A polling request with upgrade headers is proxied as polling.
+    let carry = match (upgrade && transport == Transport::WebSocket, handoff) {
         (false, _) => Carry::Proxy,
         (true, true) => Carry::HandOff,
         (true, false) => Carry::Relay,
@@ -191,7 +192,8 @@ fn check_row(
         }
         _ => {
             assert_eq!(r.session, Session::New, "{case}");
-            let tagged = transport == Transport::Polling && !upgrade;
+            // A polling handshake's answer is tagged, upgrade headers or not.
+            let tagged = transport == Transport::Polling;
             assert_eq!(r.tag_answer(), tagged.then(|| r.worker.tag()), "{case}");
         }
     }
