@@ -23,6 +23,7 @@ pub mod resize;
 pub mod routing;
 pub mod sticky;
 pub mod supervisor;
+pub mod tls;
 pub mod workers;
 
 use std::path::PathBuf;
@@ -39,7 +40,16 @@ use shared::FleetConfig;
 use tokio::sync::watch;
 
 /// A pingora server running the whole balancer for `cfg` (read from `config_path`).
-pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
+///
+/// # Errors
+/// `balancer.tls` names a certificate that cannot be served.
+pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::CertError> {
+    let tls = cfg
+        .balancer
+        .tls
+        .enabled()
+        .then(|| tls::listener(&cfg.balancer.tls))
+        .transpose()?;
     let conf = ServerConf {
         threads: cfg.balancer.threads,
         grace_period_seconds: Some(cfg.grace_period().as_secs()),
@@ -70,7 +80,9 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
             cfg.balancer.health_check_failures,
         ),
     );
-    let handoff = cfg.spawns_workers() && cfg.workers.handoff;
+    // Under TLS the session lives in the balancer: a WebSocket cannot leave it as a plain
+    // socket, so it is relayed.
+    let handoff = cfg.spawns_workers() && cfg.workers.handoff && tls.is_none();
     let named: Vec<String> = if cfg.indexed_workers() {
         (0..cfg.workers.count).map(FleetConfig::worker_id).collect()
     } else {
@@ -111,6 +123,10 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
                 trusted: cfg.balancer.trusted_proxies.clone(),
                 limits,
                 rejections,
+                tls: tls.map(|(acceptor, watcher)| {
+                    server.add_service(background_service("tls certificate", watcher));
+                    acceptor
+                }),
             },
         ),
     );
@@ -162,5 +178,5 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
     server.add_service(admin);
     // Requests are routed only once every worker known at start has been probed once.
     server.add_service(proxy).add_dependency(&watcher);
-    server
+    Ok(server)
 }

@@ -46,7 +46,13 @@ fn main() -> ExitCode {
     let path = std::fs::canonicalize(&args.config).unwrap_or(args.config);
     raise_fd_limit();
     tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_listen, workers = cfg.workers.count, "balancer starting");
-    balancer::serve(&cfg, path).run_forever()
+    match balancer::serve(&cfg, path) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            eprintln!("balancer: balancer.tls: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Raises the open-file limit to the hard limit (the workers it starts inherit it) and logs the

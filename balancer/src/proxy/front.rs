@@ -18,8 +18,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::server::ShutdownWatch;
 use shared::config::IpNetwork;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,6 +60,8 @@ pub struct FrontConfig {
     pub limits: Option<Arc<AddressLimits>>,
     /// Refusals, logged once per class (shared with the proxy).
     pub rejections: Arc<RejectLog>,
+    /// `balancer.tls`: each connection's handshake, done here under the head timeout.
+    pub tls: Option<Arc<Acceptor>>,
 }
 
 /// An HTTP app (the proxy) behind the first-head reader.
@@ -87,8 +91,9 @@ enum Head {
 }
 
 impl<A> Front<A> {
-    async fn read_first_head(&self, stream: &mut Stream) -> Head {
-        let deadline = tokio::time::Instant::now() + self.cfg.header_timeout;
+    /// The head must be complete `header_timeout` after `started` (the connection's accept).
+    async fn read_first_head(&self, stream: &mut Stream, started: tokio::time::Instant) -> Head {
+        let deadline = started + self.cfg.header_timeout;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
@@ -230,8 +235,27 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let started = tokio::time::Instant::now();
+        if let Some(acceptor) = &self.cfg.tls {
+            // The listener is plain TCP: its streams are pingora's L4 streams.
+            let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+                return None;
+            };
+            match tokio::time::timeout(self.cfg.header_timeout, acceptor.tls_handshake(*tcp)).await
+            {
+                Ok(Ok(tls)) => stream = Box::new(tls),
+                Ok(Err(e)) => {
+                    self.count(Class::TlsHandshake, &format!("handshake failed: {e}"));
+                    return None;
+                }
+                Err(_) => {
+                    self.count(Class::TlsHandshake, "handshake timed out");
+                    return None;
+                }
+            }
+        }
         let info = Arc::new(ConnInfo::default());
-        let prefix = match self.read_first_head(&mut stream).await {
+        let prefix = match self.read_first_head(&mut stream, started).await {
             Head::Done => return None,
             Head::Unparsed(buf) => buf,
             Head::Complete { mut buf, len } => {

@@ -75,6 +75,8 @@ pub struct FleetProxy {
     closing: ws_tunnel::Closing,
     rejections: Arc<RejectLog>,
     limits: Option<Arc<AddressLimits>>,
+    /// The public listener serves TLS.
+    tls: bool,
 }
 
 impl FleetProxy {
@@ -110,6 +112,7 @@ impl FleetProxy {
             ),
             rejections,
             limits,
+            tls: cfg.balancer.tls.enabled(),
         }
     }
 
@@ -221,7 +224,8 @@ impl FleetProxy {
         let trusted = self.trusted.iter().any(|n| n.contains(&peer));
         req.insert_header("X-Forwarded-For", xff)?;
         if !trusted || req.headers.get("x-forwarded-proto").is_none() {
-            req.insert_header("X-Forwarded-Proto", "http")?;
+            let proto = if self.tls { "https" } else { "http" };
+            req.insert_header("X-Forwarded-Proto", proto)?;
         }
         Ok(())
     }

@@ -169,6 +169,8 @@ pub enum Class {
     HeaderTimeout,
     /// A connection closed partway through its first request head: counted, nothing to answer.
     IncompleteHead,
+    /// A TLS handshake that failed or did not finish within `balancer.header_timeout_secs`.
+    TlsHandshake,
 }
 
 const SESSION_UNKNOWN: &str = r#"{"code":1,"message":"Session ID unknown"}"#;
@@ -176,7 +178,7 @@ const BAD_REQUEST: &str = r#"{"code":3,"message":"Bad request"}"#;
 
 impl Class {
     /// Every class.
-    pub const ALL: [Class; 11] = [
+    pub const ALL: [Class; 12] = [
         Class::NotFound,
         Class::BadRequest,
         Class::SessionUnknown,
@@ -188,6 +190,7 @@ impl Class {
         Class::RateLimited,
         Class::HeaderTimeout,
         Class::IncompleteHead,
+        Class::TlsHandshake,
     ];
 
     /// The label value.
@@ -204,6 +207,7 @@ impl Class {
             Class::RateLimited => "rate_limited",
             Class::HeaderTimeout => "header_timeout",
             Class::IncompleteHead => "incomplete_head",
+            Class::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -221,6 +225,7 @@ impl Class {
             Class::RateLimited => (429, "too many requests from this address\n"),
             Class::HeaderTimeout => (408, "request head timed out\n"),
             Class::IncompleteHead => (400, "incomplete request head\n"),
+            Class::TlsHandshake => (400, "tls handshake failed\n"),
         }
     }
 }
