@@ -65,6 +65,8 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Server {
         workers::Watcher::new(
             Arc::clone(&workers),
             workers::discovery::Discovery::from_config(cfg, routed_rx),
+            cfg.balancer.health_check,
+            &cfg.socketio.path,
             interval,
             cfg.balancer.health_check_failures,
         ),
