@@ -97,13 +97,15 @@ const COPY_BUF: usize = 4096;
 /// Sends `req` to the worker at `addr` and, on a 101, joins client and worker until either
 /// closes. An error means the worker failed before the client was sent anything: the caller
 /// answers 502. Once the worker has accepted, the tunnel runs in a task of its own (so none of
-/// pingora's per-request state stays alive with it) and `open` counts it while it lasts.
+/// pingora's per-request state stays alive with it) and `open` counts it while it lasts;
+/// `ended` runs when it is over (never, when there was no tunnel).
 pub async fn run(
     session: &mut Session,
     addr: SocketAddr,
     req: &RequestHeader,
     limits: &Limits,
     open: IntGauge,
+    ended: impl FnOnce() + Send + 'static,
 ) -> Result<Outcome> {
     let mut upstream = timeout(limits.connect, TcpStream::connect(addr))
         .await
@@ -143,6 +145,7 @@ pub async fn run(
             pump(client, upstream, idle, closing).await;
         }
         open.dec();
+        ended();
     });
     Ok(Outcome::Tunnelled)
 }
