@@ -144,8 +144,9 @@ pub async fn run(
         {
             pump(client, upstream, idle, closing).await;
         }
-        open.dec();
+        // Before the gauge drops, so whoever sees it drop sees the session ended too.
         ended();
+        open.dec();
     });
     Ok(Outcome::Tunnelled)
 }
