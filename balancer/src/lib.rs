@@ -76,6 +76,8 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
         workers::Watcher::new(
             Arc::clone(&workers),
             workers::discovery::Discovery::from_config(cfg, routed_rx),
+            cfg.balancer.health_check,
+            &cfg.socketio.path,
             interval,
             cfg.balancer.health_check_failures,
         ),

@@ -26,14 +26,14 @@ use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use shared::FleetConfig;
-use shared::config::IpNetwork;
+use shared::config::{HealthCheck, IpNetwork};
 use shared::shutdown::Shutdown;
 
 use crate::limits::{AddressLimits, ConnSlot};
 use crate::metrics::{HandoffOutcome, METRICS};
 use crate::routing::{self, Carry, Class, Decision, Refusal, Route, Router, StickyReason};
 use crate::sticky::{Tag, open_packet};
-use crate::workers::Workers;
+use crate::workers::{Worker, Workers};
 use handoff::Handoffs;
 use rejections::RejectLog;
 
@@ -61,6 +61,10 @@ pub struct Ctx {
     client: Option<std::net::IpAddr>,
     /// What the listener knows of this request's connection.
     conn: Option<Arc<front::ConnInfo>>,
+    /// A polling POST to an existing session whose payload so far ends with a close packet.
+    closes_session: bool,
+    /// The last byte of that payload so far.
+    body_last: Option<u8>,
     started: Instant,
 }
 
@@ -77,6 +81,9 @@ pub struct FleetProxy {
     limits: Option<Arc<AddressLimits>>,
     /// The public listener serves TLS.
     tls: bool,
+    /// Workers report no session count (`health_check: engineio`): the balancer's count of
+    /// what it placed is their load, so it counts the sessions it sees end too.
+    counts_ends: bool,
 }
 
 impl FleetProxy {
@@ -113,6 +120,15 @@ impl FleetProxy {
             rejections,
             limits,
             tls: cfg.balancer.tls.enabled(),
+            counts_ends: cfg.balancer.health_check == HealthCheck::Engineio,
+        }
+    }
+
+    /// A session on `worker` ended, or a placement on it made no session: its count drops,
+    /// where the count is the balancer's own.
+    fn ended(&self, worker: &Worker) {
+        if self.counts_ends {
+            worker.load().ended();
         }
     }
 
@@ -252,7 +268,12 @@ impl FleetProxy {
         let Some(route) = ctx.route.as_mut() else {
             return false;
         };
-        if route.session != routing::Session::New || ctx.tried.len() + 1 >= MAX_PLACEMENTS {
+        if route.session != routing::Session::New {
+            return false;
+        }
+        // The failed placement made no session.
+        self.ended(&route.worker);
+        if ctx.tried.len() + 1 >= MAX_PLACEMENTS {
             return false;
         }
         ctx.tried.push(route.worker.addr());
@@ -333,7 +354,18 @@ impl FleetProxy {
             closing: self.closing.clone(),
         };
         let open = METRICS.websockets.with_label_values(&[label]);
-        let slot = || ctx.take_slot();
+        // The WebSocket carries its session to the end: when it closes, the session is over.
+        let ended = (self.counts_ends && route.session != routing::Session::Page)
+            .then(|| Arc::clone(&route.worker));
+        let lasting = || -> Box<dyn FnOnce() + Send> {
+            let slot = ctx.take_slot();
+            Box::new(move || {
+                if let Some(worker) = ended {
+                    worker.load().ended();
+                }
+                drop(slot);
+            })
+        };
         let tunnel = ws_tunnel::run(
             session,
             route.worker.addr(),
@@ -341,11 +373,15 @@ impl FleetProxy {
             &early,
             &limits,
             open,
-            slot,
+            lasting,
         );
         match tunnel.await {
             Ok(ws_tunnel::Outcome::Tunnelled) => ctx.websocket = true,
-            Ok(ws_tunnel::Outcome::Refused) => {}
+            Ok(ws_tunnel::Outcome::Refused) => {
+                if route.session == routing::Session::New {
+                    self.ended(&route.worker);
+                }
+            }
             Err(e) => {
                 tracing::debug!(worker = %label, "websocket upgrade failed: {e}");
                 METRICS.upstream_errors.with_label_values(&[label]).inc();
@@ -363,6 +399,16 @@ fn has_body(req: &RequestHeader) -> bool {
             .headers
             .get("content-length")
             .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
+/// Whether an Engine.IO v4 payload, read so far up to `chunk` (after a byte `before`, if
+/// any), ends with a close packet: `1` alone or after a record separator, a client leaving
+/// over polling.
+fn ends_with_close(before: Option<u8>, chunk: &[u8]) -> bool {
+    match chunk {
+        [b'1'] => matches!(before, None | Some(0x1e)),
+        _ => chunk.ends_with(b"\x1e1"),
+    }
 }
 
 /// The request's `Origin` header.
@@ -450,6 +496,8 @@ impl ProxyHttp for FleetProxy {
             session_gone: false,
             client: None,
             conn: None,
+            closes_session: false,
+            body_last: None,
             started: Instant::now(),
         }
     }
@@ -607,6 +655,13 @@ impl ProxyHttp for FleetProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            let ok = resp.status.as_u16() == 200;
+            // A close the worker took ends its session; a handshake it refused made none.
+            if (ctx.closes_session && ok) || (ctx.tag_answer.is_some() && !ok) {
+                self.ended(&route.worker);
+            }
+        }
         if ctx.tag_answer.is_some() {
             if resp.status.as_u16() == 200 {
                 // The body grows by the tag: re-frame it rather than trust the old length.
@@ -614,6 +669,34 @@ impl ProxyHttp for FleetProxy {
                 resp.insert_header("Transfer-Encoding", "chunked")?;
             } else {
                 ctx.tag_answer = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !self.counts_ends {
+            return Ok(());
+        }
+        let Some(route) = &ctx.route else {
+            return Ok(());
+        };
+        let existing = matches!(route.session, routing::Session::Existing { .. });
+        let req = session.req_header();
+        if existing && route.carry == Carry::Proxy && req.method == http::Method::POST {
+            let eio4 = req
+                .uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "EIO=4"));
+            if let Some(chunk) = body.as_ref().filter(|c| !c.is_empty()) {
+                ctx.closes_session = eio4 && ends_with_close(ctx.body_last, chunk);
+                ctx.body_last = chunk.last().copied();
             }
         }
         Ok(())
@@ -691,5 +774,28 @@ impl ProxyHttp for FleetProxy {
                     .inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_with_close;
+
+    #[test]
+    fn a_close_packet_is_the_last_packet_of_a_payload() {
+        assert!(ends_with_close(None, b"1"));
+        assert!(ends_with_close(None, b"41\x1e1"));
+        assert!(ends_with_close(Some(b'x'), b"\x1e1"));
+        assert!(
+            ends_with_close(Some(0x1e), b"1"),
+            "split after the separator"
+        );
+        assert!(
+            !ends_with_close(Some(b'c'), b"1"),
+            "the end of a message split in two"
+        );
+        assert!(!ends_with_close(None, b"42[\"a\",1]"));
+        assert!(!ends_with_close(None, b"41"));
+        assert!(!ends_with_close(None, b"2"));
     }
 }

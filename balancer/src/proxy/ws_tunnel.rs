@@ -30,7 +30,6 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::raw_http;
-use crate::limits::ConnSlot;
 
 /// The largest response head a worker may send.
 const MAX_HEAD: usize = 16 * 1024;
@@ -100,8 +99,9 @@ const COPY_BUF: usize = 4096;
 /// answers 502. Once the worker has accepted, the tunnel runs in a task of its own (so none of
 /// pingora's per-request state stays alive with it) and `open` counts it while it lasts.
 /// `early` is what the client sent after its request (it reaches the worker right after the
-/// request, as it would directly); `slot` gives the connection's place in its address's count,
-/// held while the tunnel lasts.
+/// request, as it would directly). `lasting` is called once the tunnel is up, and what it
+/// returns runs when the tunnel is over (never, when there was no tunnel): what the caller
+/// holds for the tunnel's life, such as the connection's place in its address's count.
 pub async fn run(
     session: &mut Session,
     addr: SocketAddr,
@@ -109,7 +109,7 @@ pub async fn run(
     early: &[u8],
     limits: &Limits,
     open: IntGauge,
-    slot: impl FnOnce() -> ConnSlot,
+    lasting: impl FnOnce() -> Box<dyn FnOnce() + Send>,
 ) -> Result<Outcome> {
     let mut upstream = timeout(limits.connect, TcpStream::connect(addr))
         .await
@@ -142,9 +142,8 @@ pub async fn run(
     open.inc();
     let idle = limits.idle;
     let closing = limits.closing.clone();
-    let slot = slot();
+    let ended = lasting();
     tokio::spawn(async move {
-        let _slot = slot;
         // The worker's 101 goes to the client byte for byte, then whatever followed it.
         if client.write_all(&raw_head).await.is_ok()
             && client.write_all(&rest).await.is_ok()
@@ -152,6 +151,8 @@ pub async fn run(
         {
             pump(client, upstream, idle, closing).await;
         }
+        // Before the gauge drops, so whoever sees it drop sees the session ended too.
+        ended();
         open.dec();
     });
     Ok(Outcome::Tunnelled)

@@ -17,6 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::ServiceReadyNotifier;
 use pingora_core::services::background::BackgroundService;
 use shared::Shutdown;
+use shared::config::HealthCheck;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -38,7 +39,7 @@ pub struct Watcher {
 }
 
 /// How workers are probed and judged.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Rules {
     probe: Probe,
     every: Duration,
@@ -46,11 +47,14 @@ struct Rules {
 }
 
 impl Watcher {
-    /// Watches the workers `discovery` finds, probing each `every`; `failures` failed probes in
-    /// a row take a worker out.
+    /// Watches the workers `discovery` finds, probing each `every` as `check` says (an
+    /// Engine.IO handshake on `path`, or `/readyz`); `failures` failed probes in a row take a
+    /// worker out.
     pub fn new(
         workers: Arc<Workers>,
         discovery: Discovery,
+        check: HealthCheck,
+        path: &str,
         every: Duration,
         failures: usize,
     ) -> Self {
@@ -59,7 +63,7 @@ impl Watcher {
             discovery,
             rules: Rules {
                 // A probe must finish well within one interval, or a hung worker looks alive.
-                probe: Probe::new(every * 8 / 10),
+                probe: Probe::for_config(every * 8 / 10, check, path),
                 every,
                 failures: failures.max(1),
             },
@@ -86,7 +90,7 @@ impl Watcher {
         for worker in change.added {
             let (done, probed) = oneshot::channel();
             first.push(probed);
-            let task = tokio::spawn(watch_worker(Arc::clone(&worker), self.rules, done));
+            let task = tokio::spawn(watch_worker(Arc::clone(&worker), self.rules.clone(), done));
             probers.insert(worker.addr(), task);
         }
         first
@@ -150,7 +154,7 @@ async fn watch_worker(worker: Arc<Worker>, rules: Rules, first: oneshot::Sender<
         failed = if ready { 0 } else { failed + 1 };
         let up = ready || (worker.is_up() && failed < rules.failures);
         if worker.set_up(up) {
-            log_flip(&worker, &result);
+            log_flip(&worker, &rules.probe, &result);
         }
         METRICS
             .worker_up
@@ -173,13 +177,19 @@ fn ticker(every: Duration) -> tokio::time::Interval {
     tick
 }
 
-fn log_flip(worker: &Worker, result: &Result<Answer, ProbeError>) {
+fn log_flip(worker: &Worker, probe: &Probe, result: &Result<Answer, ProbeError>) {
     if worker.is_up() {
         tracing::info!(worker = %worker.label(), addr = %worker.addr(), "worker healthy: taking new sessions");
         return;
     }
     let why = match result {
-        Ok(answer) => format!("/readyz answered {}", answer.status),
+        Ok(answer) if answer.status == http::StatusCode::OK => {
+            format!(
+                "{} answered 200 without an Engine.IO open packet",
+                probe.what()
+            )
+        }
+        Ok(answer) => format!("{} answered {}", probe.what(), answer.status),
         Err(e) => e.to_string(),
     };
     tracing::warn!(worker = %worker.label(), addr = %worker.addr(), %why, "worker unhealthy: out of placement, its sessions are refused");

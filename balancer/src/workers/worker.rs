@@ -87,6 +87,11 @@ impl Worker {
 /// lands in between would forget it, so placements made within [`IN_FLIGHT`] before a probe
 /// started stay counted after it: a brief overcount rather than an undercount that sends the
 /// next burst to the same worker.
+///
+/// A worker that never reports a count (one checked by `balancer.health_check: engineio`,
+/// such as a stock Node `socket.io` server) never has a placement confirmed by a probe, so
+/// every placement stays: its load is the balancer's own count of the sessions it placed
+/// there, less those it saw end ([`Load::ended`]).
 #[derive(Default, Debug)]
 pub struct Load {
     probed: AtomicI64,
@@ -124,6 +129,13 @@ impl Load {
         }
     }
 
+    /// One session placed on the worker ended (or never began), as the balancer saw it. Only
+    /// for a worker whose load is the balancer's own count: for one that reports its count,
+    /// the next probe says so.
+    pub fn ended(&self) {
+        self.pending().pop_front();
+    }
+
     fn pending(&self) -> MutexGuard<'_, VecDeque<Instant>> {
         // Only counters behind the lock: a panic elsewhere cannot leave them inconsistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
@@ -148,6 +160,24 @@ mod tests {
         // One that started long enough after them has them.
         load.set_probed(12, Instant::now() + IN_FLIGHT * 2);
         assert_eq!(load.get(), 12);
+    }
+
+    #[test]
+    fn without_probed_counts_load_is_placements_less_ends() {
+        let load = Load::default();
+        for _ in 0..3 {
+            load.placed();
+        }
+        load.ended();
+        assert_eq!(load.get(), 2);
+        for _ in 0..5 {
+            load.ended();
+        }
+        assert_eq!(
+            load.get(),
+            0,
+            "ends of sessions placed elsewhere never go below 0"
+        );
     }
 
     #[test]
