@@ -10,6 +10,8 @@ pub use socket::{DisconnectReason, Socket};
 pub use engineioxide_core::{OpenPacket, Packet, PacketParseError};
 
 pub mod config;
+/// fleet patch: a session's message gate.
+pub mod gate;
 pub mod handler;
 pub mod layer;
 pub mod service;

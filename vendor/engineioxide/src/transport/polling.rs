@@ -197,11 +197,17 @@ where
                 Ok(())
             }
             Ok(Packet::Message(msg)) => {
-                engine.handler.on_message(msg, socket.clone());
+                // fleet patch: the session's gate first
+                if crate::gate::admits_text(&socket.req_parts, &msg) {
+                    engine.handler.on_message(msg, socket.clone());
+                }
                 Ok(())
             }
             Ok(Packet::Binary(bin) | Packet::BinaryV3(bin)) => {
-                engine.handler.on_binary(bin, socket.clone());
+                // fleet patch: the session's gate first
+                if crate::gate::admits_binary(&socket.req_parts, &bin) {
+                    engine.handler.on_binary(bin, socket.clone());
+                }
                 Ok(())
             }
             Ok(p) => {

@@ -18,7 +18,7 @@ use tokio_tungstenite::{
     tungstenite::{
         self, Message,
         handshake::derive_accept_key,
-        protocol::{Role, WebSocketConfig},
+        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
     },
 };
 use tokio_util::future::FutureExt as _;
@@ -166,8 +166,14 @@ where
     };
     let (tx, rx) = ws.split();
 
+    // fleet patch: the writer owns the sink, so it sends the close frame the reader asks for.
+    let close_with = Arc::new(std::sync::OnceLock::new());
     // Pipe between websocket and internal socket channel.
-    tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
+    tokio::spawn(forward_to_socket::<H, S>(
+        socket.clone(),
+        tx,
+        close_with.clone(),
+    ));
 
     // pipe between internal socket channel and websocket
     match forward_to_handler(&engine, rx, &socket)
@@ -177,6 +183,19 @@ where
         Some(Err(ref e)) => {
             let reason =
                 Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
+            // fleet patch: tungstenite refuses an oversized message without a word to the
+            // client; RFC 6455 7.4.1 has 1009 for it.
+            if let Error::WsTransport(ws_err) = e
+                && let tungstenite::Error::Capacity(_) = **ws_err
+            {
+                let _ = close_with.set(CloseFrame {
+                    code: CloseCode::Size,
+                    reason: "message too big".into(),
+                });
+                if let Some(gate) = crate::gate::of(&socket.req_parts) {
+                    gate.message_too_big();
+                }
+            }
 
             #[cfg(feature = "tracing")]
             tracing::debug!("error when handling packet: {:?}", e);
@@ -219,7 +238,10 @@ where
                     Ok::<(), Error>(())
                 }
                 Packet::Message(msg) => {
-                    engine.handler.on_message(msg, socket.clone());
+                    // fleet patch: the session's gate first
+                    if crate::gate::admits_text(&socket.req_parts, &msg) {
+                        engine.handler.on_message(msg, socket.clone());
+                    }
                     Ok(())
                 }
                 p => return Err(Error::BadPacket(p)),
@@ -229,7 +251,10 @@ where
                     // The first byte is the message type, which we don't need.
                     data = data.split_off(1);
                 }
-                engine.handler.on_binary(data, socket.clone());
+                // fleet patch: the session's gate first
+                if crate::gate::admits_binary(&socket.req_parts, &data) {
+                    engine.handler.on_binary(data, socket.clone());
+                }
                 Ok(())
             }
             Message::Close(_) => {
@@ -254,6 +279,7 @@ where
 async fn forward_to_socket<H: EngineIoHandler, S>(
     socket: Arc<Socket<H::Data>>,
     mut tx: SplitSink<WebSocketStream<S>, Message>,
+    close_with: Arc<std::sync::OnceLock<CloseFrame>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -347,6 +373,11 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
     tracing::trace!(sid = %socket.id, "ws closing flush");
 
     tx.flush().await.ok();
+    // fleet patch: the close frame the reader asked for (it is set before the session is
+    // closed, which is what ends the loop above).
+    if let Some(frame) = close_with.get() {
+        tx.send(Message::Close(Some(frame.clone()))).await.ok();
+    }
     tx.close().await.ok();
 }
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
@@ -513,7 +544,11 @@ mod tests {
         let (tx, _rx) = server.split();
 
         let polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(
+            socket.clone(),
+            tx,
+            Default::default(),
+        ));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "the writer should wait for the lock");
 
@@ -534,7 +569,11 @@ mod tests {
         let (tx, _rx) = server.split();
 
         let _polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(
+            socket.clone(),
+            tx,
+            Default::default(),
+        ));
         tokio::time::sleep(Duration::from_millis(20)).await;
 
         socket.cancellation_token.cancel();
