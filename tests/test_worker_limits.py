@@ -350,3 +350,45 @@ def test_every_kind_is_exported_from_the_start(closer, tmp_path, redis):
     m = w.metrics()
     for kind in ["events", "rooms", "message_size"]:
         assert f'fleet_worker_limited_total{{kind="{kind}",worker="w0"}}' in m, kind
+
+
+# --- an app of its own --------------------------------------------------------------------
+
+
+def test_an_app_of_its_own_is_limited_too(closer, tmp_path, redis):
+    """apps/chat, spawned by a balancer: its events meet the same gate, and its `join`
+    (Fleet::join) the same room limit."""
+    from fleet_harness import BIN_DIR
+    rate = 10
+    extra = (f"  command: [{BIN_DIR / 'chat'}]\n"
+             f"socketio:\n  limits:\n    events_per_sec: {rate}\n    max_rooms_per_socket: 2\n")
+    b = closer.add(Balancer(tmp_path, redis.url, count=1, extra=extra))
+    b.wait_ready()
+    c = closer.add(Client(b.url, ["websocket"])).connect()
+    assert c.call("join", "a")["ok"] is True
+    assert c.call("join", "b")["ok"] is True
+    assert c.call("join", "c") == {"ok": False, "error": "too many rooms"}
+    acks, lock = [], threading.Lock()
+
+    def cb(*args):
+        with lock:
+            acks.append(args)
+
+    sent, started = 0, time.monotonic()
+    while time.monotonic() - started < 1.0:
+        for _ in range(20):
+            c.sio.emit("join", "a", callback=cb)
+            sent += 1
+        time.sleep(0.01)
+    elapsed = time.monotonic() - started
+
+    def settled():
+        n = len(acks)
+        time.sleep(0.3)
+        return n == len(acks)
+    wait_until(settled, 5, what="the acks settle")
+    # The three joins above took 3 of the bucket's 2 x rate.
+    assert len(acks) <= 2 * rate + rate * elapsed + 10, (len(acks), sent)
+    wm = b.worker_metrics(0)
+    assert metric(wm, "fleet_worker_limited_total", kind="events") == sent - len(acks)
+    assert metric(wm, "fleet_worker_limited_total", kind="rooms") == 1
