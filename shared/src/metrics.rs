@@ -56,6 +56,9 @@ pub const WORKER_DRAINING: &str = "fleet_worker_draining";
 pub const WORKER_AUTH_TOTAL: &str = "fleet_worker_auth_total";
 /// Counter by `action` (`join`, `publish`): client requests outside their permissions.
 pub const WORKER_FORBIDDEN_TOTAL: &str = "fleet_worker_forbidden_total";
+/// Counter by `kind`: what `socketio.limits` and `socketio.max_payload_bytes` refused
+/// (`events` dropped, `rooms` joins refused, `message_size` WebSockets closed with 1009).
+pub const WORKER_LIMITED_TOTAL: &str = "fleet_worker_limited_total";
 
 /// Gauge: room channels this worker is subscribed to in Redis (rooms with a member here).
 pub const WORKER_ROOMS_SUBSCRIBED: &str = "fleet_worker_rooms_subscribed";
@@ -84,6 +87,7 @@ pub const WORKER_METRICS: &[&str] = &[
     WORKER_FORBIDDEN_TOTAL,
     WORKER_ROOMS_SUBSCRIBED,
     WORKER_PUBSUB_MESSAGES_TOTAL,
+    WORKER_LIMITED_TOTAL,
 ];
 
 /// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,

@@ -39,12 +39,8 @@ impl App for RoomsApp {
             f.count_event(EV_ECHO);
             reply(ack, arg.unwrap_or(Value::Null));
         });
-        on_room(&socket, fleet, EV_JOIN, Grant::may_join, |s, room| {
-            s.join(room)
-        });
-        on_room(&socket, fleet, EV_LEAVE, Grant::may_leave, |s, room| {
-            s.leave(room)
-        });
+        on_room(&socket, fleet, EV_JOIN, Grant::may_join);
+        on_room(&socket, fleet, EV_LEAVE, Grant::may_leave);
         let f = fleet.clone();
         socket.on(
             EV_PUBLISH,
@@ -72,16 +68,11 @@ impl App for RoomsApp {
     }
 }
 
-/// `join` and `leave`: validate the room, check `allowed`, apply `op`, acknowledge
+/// `join` and `leave`: validate the room, check `allowed`, apply it, acknowledge
 /// `{"ok": true, "room"}`; a room outside the socket's permissions is acknowledged
-/// `{"ok": false, "error": "forbidden"}` and nothing is done.
-fn on_room(
-    socket: &Socket,
-    fleet: &Fleet,
-    event: &'static str,
-    allowed: fn(&Grant, &str) -> bool,
-    op: fn(&Socket, String),
-) {
+/// `{"ok": false, "error": "forbidden"}`, a join past `socketio.limits.max_rooms_per_socket`
+/// `{"ok": false, "error": "too many rooms"}`, and nothing is done.
+fn on_room(socket: &Socket, fleet: &Fleet, event: &'static str, allowed: fn(&Grant, &str) -> bool) {
     let f = fleet.clone();
     socket.on(
         event,
@@ -94,12 +85,13 @@ fn on_room(
                         f.count_forbidden(event);
                         refusal(FORBIDDEN)
                     }
+                    // A join is acknowledged once other workers' broadcasts reach it.
+                    Ok(room) if event == EV_JOIN => match f.join(&s, room.clone()).await {
+                        Ok(()) => json!({ "ok": true, "room": room }),
+                        Err(too_many) => refusal(too_many.to_string()),
+                    },
                     Ok(room) => {
-                        op(&s, room.clone());
-                        // A join is acknowledged once other workers' broadcasts reach it.
-                        if event == EV_JOIN {
-                            f.settled().await;
-                        }
+                        s.leave(room.clone());
                         json!({ "ok": true, "room": room })
                     }
                     Err(why) => refusal(why),

@@ -3,7 +3,7 @@
 //! aliases here ([`Socket`], [`Ack`], [`Io`]), never the adapter, so the adapter can change
 //! without touching them.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -12,6 +12,7 @@ use socketioxide::{BroadcastError, SocketIo};
 
 use crate::adapter::RoomChannels;
 use crate::auth::Grant;
+use crate::limits::TooManyRooms;
 use crate::metrics::WorkerMetrics;
 use crate::{FleetAdapter, RedisLink};
 
@@ -83,7 +84,15 @@ pub struct Fleet {
     metrics: WorkerMetrics,
     link: RedisLink,
     rooms: RoomChannels,
+    /// `socketio.limits.max_rooms_per_socket`; 0: no limit.
+    max_rooms: usize,
 }
+
+/// Held across a join's count and the join itself: a socket's handlers run concurrently, and
+/// two joins must not both take the last free place. In the socket's extensions while
+/// `max_rooms_per_socket` is set.
+#[derive(Clone, Default)]
+pub(crate) struct RoomLock(Arc<Mutex<()>>);
 
 impl Fleet {
     pub(crate) fn new(
@@ -92,6 +101,7 @@ impl Fleet {
         metrics: WorkerMetrics,
         link: RedisLink,
         rooms: RoomChannels,
+        limits: &shared::config::SocketLimits,
     ) -> Self {
         Fleet {
             worker_id: worker_id.into(),
@@ -99,7 +109,13 @@ impl Fleet {
             metrics,
             link,
             rooms,
+            max_rooms: limits.max_rooms_per_socket as usize,
         }
+    }
+
+    /// Whether sockets get a [`RoomLock`].
+    pub(crate) fn limits_rooms(&self) -> bool {
+        self.max_rooms > 0
     }
 
     /// Put `socket` in `room` and return once broadcasts to the room from every worker reach
@@ -109,6 +125,11 @@ impl Fleet {
     /// after the answer is not missed. (While Redis is away it returns at once; it never waits
     /// more than 2 s.)
     ///
+    /// # Errors
+    /// The socket is already in `socketio.limits.max_rooms_per_socket` rooms (its own room and
+    /// its user's `user:` room not counted) and `room` is not one of them: nothing is joined,
+    /// and the refusal is counted in `fleet_worker_limited_total{kind="rooms"}`.
+    ///
     /// ```
     /// use worker::socketioxide::extract::Data;
     /// use worker::{Ack, Fleet, Socket};
@@ -116,15 +137,38 @@ impl Fleet {
     /// let app = |socket: Socket, fleet: &Fleet| {
     ///     let fleet = fleet.clone();
     ///     socket.on("join", async move |s: Socket, Data(room): Data<String>, ack: Ack| {
-    ///         fleet.join(&s, room).await;
-    ///         let _ = ack.send("joined");
+    ///         match fleet.join(&s, room).await {
+    ///             Ok(()) => { let _ = ack.send("joined"); }
+    ///             Err(too_many) => { let _ = ack.send(&too_many.to_string()); }
+    ///         }
     ///     });
     /// };
     /// # let _: Box<dyn worker::App> = Box::new(app);
     /// ```
-    pub async fn join(&self, socket: &Socket, room: impl Into<String>) {
-        socket.join(room.into());
+    pub async fn join(&self, socket: &Socket, room: impl Into<String>) -> Result<(), TooManyRooms> {
+        self.join_now(socket, room.into())?;
         self.rooms.settled().await;
+        Ok(())
+    }
+
+    /// Joins at once, within the room limit.
+    fn join_now(&self, socket: &Socket, room: String) -> Result<(), TooManyRooms> {
+        if self.max_rooms == 0 {
+            socket.join(room);
+            return Ok(());
+        }
+        let lock = socket.extensions.get::<RoomLock>().unwrap_or_default();
+        let _held = lock
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rooms = socket.rooms();
+        if !rooms.iter().any(|r| *r == room) && counted_rooms(socket, &rooms) >= self.max_rooms {
+            self.metrics.limited_rooms.inc();
+            return Err(TooManyRooms);
+        }
+        socket.join(room);
+        Ok(())
     }
 
     /// Resolves once every room change of this worker so far is in effect in Redis (see
@@ -292,6 +336,19 @@ impl Fleet {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The rooms of `socket` that count against `max_rooms_per_socket`: not its own, nor its
+/// user's, which the fleet joined for it.
+fn counted_rooms(socket: &Socket, rooms: &[std::borrow::Cow<'static, str>]) -> usize {
+    let own = socket.id.to_string();
+    let user = Fleet::grant(socket)
+        .user
+        .map(|u| crate::auth::user_room(&u));
+    rooms
+        .iter()
+        .filter(|r| **r != own && Some(r.as_ref()) != user.as_deref())
+        .count()
 }
 
 /// Every socket of this worker, in every namespace: one client connected to two namespaces

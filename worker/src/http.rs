@@ -35,6 +35,8 @@ pub struct HttpCtx {
     pub sio_path: String,
     /// Whether Engine.IO 3 clients are served (`socketio.allow_eio3`).
     pub allow_eio3: bool,
+    /// `socketio.limits.events_per_sec`, for each new session's gate.
+    pub events_per_sec: u32,
     /// Browsers on other origins (`socketio.cors`).
     pub cors: Cors,
     /// The server API, when `api.key` is set.
@@ -76,6 +78,8 @@ pub async fn handle(
                 "application/json",
                 shared::cors::FORBIDDEN_BODY.into(),
             )
+        } else if let Some(bad) = upgrade.then(|| upgrade_refusal(req.headers())).flatten() {
+            bad
         } else {
             engine_io(&ctx, conn, req).await
         };
@@ -186,6 +190,12 @@ async fn engine_io(ctx: &HttpCtx, conn: ConnId, req: Request<Incoming>) -> Respo
                 "draining\n".into(),
             );
         }
+        // This request opens a session, which keeps its extensions: the session's gate
+        // goes with it (see `crate::limits`).
+        let mut req = req;
+        let gate = crate::limits::SessionGate::new(ctx.events_per_sec, &ctx.metrics);
+        req.extensions_mut()
+            .insert(engineioxide::gate::Gate(Arc::new(gate)));
         return forward(ctx, req).await;
     };
     if ctx.gate.is_cut(sid) {
@@ -247,6 +257,58 @@ fn add_headers(res: &mut Response<Body>, headers: Vec<(&'static str, String)>) {
     }
 }
 
+/// RFC 6455 4.2.1: what a WebSocket opening handshake must carry before it is upgraded. A
+/// missing or other `Sec-WebSocket-Version` is answered 426 with the version served (4.4);
+/// anything else amiss 400. `None`: the handshake may go on.
+fn upgrade_refusal(headers: &header::HeaderMap) -> Option<Response<Body>> {
+    let bad = |why: &str| text(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n"));
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Some(bad("only Upgrade: websocket is served"));
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Some(bad("Connection: Upgrade missing"));
+    }
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    let version = versions.next().map(|v| v.as_bytes().trim_ascii());
+    if version != Some(b"13".as_slice()) || versions.next().is_some() {
+        let mut res = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "text/plain",
+            "WebSocket version 13 required\n".into(),
+        );
+        res.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return Some(res);
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if is_websocket_key(key.as_bytes()) => None,
+        _ => Some(bad("Sec-WebSocket-Key must be the base64 of 16 bytes")),
+    }
+}
+
+/// Whether any of the `name` headers' comma-separated tokens is `token`, case-insensitively.
+fn has_token(headers: &header::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// Whether `key` is the base64 of 16 bytes: 22 characters, the last carrying 2 bits of data
+/// and 4 zero bits, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let key = key.trim_ascii();
+    let alphabet = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24
+        && key[..21].iter().all(alphabet)
+        && b"AQgw".contains(&key[21])
+        && &key[22..] == b"=="
+}
+
 /// engineioxide's own answer to a protocol version it does not serve.
 const UNSUPPORTED_PROTOCOL: &str = r#"{"code":5,"message":"Unsupported protocol version"}"#;
 
@@ -277,6 +339,91 @@ mod tests {
         assert_eq!(owned.headers()["x-forwarded-for"], "10.0.0.1");
         let twice: Vec<_> = owned.headers().get_all("x-twice").iter().collect();
         assert_eq!(twice, ["a", "b"]);
+    }
+
+    fn handshake(headers: &[(&str, &str)]) -> Result<(), StatusCode> {
+        let mut req = Request::get("/socket.io/?EIO=4&transport=websocket");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(()).unwrap();
+        upgrade_refusal(req.headers()).map_or(Ok(()), |res| {
+            if res.status() == StatusCode::UPGRADE_REQUIRED {
+                assert_eq!(res.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+            }
+            Err(res.status())
+        })
+    }
+
+    #[test]
+    fn a_websocket_handshake_follows_rfc_6455() {
+        const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+        let valid = [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", KEY),
+        ];
+        assert_eq!(handshake(&valid), Ok(()));
+        let with = |name: &str, value: &'static str| -> Vec<(&str, &str)> {
+            let mut h: Vec<_> = valid.iter().copied().filter(|(n, _)| *n != name).collect();
+            if !value.is_empty() {
+                h.push((valid.iter().find(|(n, _)| *n == name).unwrap().0, value));
+            }
+            h
+        };
+        // Tokens are case-insensitive, and may come in lists.
+        assert_eq!(handshake(&with("upgrade", "WebSocket")), Ok(()));
+        assert_eq!(
+            handshake(&with("connection", "keep-alive, upgrade")),
+            Ok(())
+        );
+        let upgrade_required = Err(StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(
+            handshake(&with("sec-websocket-version", "8")),
+            upgrade_required
+        );
+        assert_eq!(
+            handshake(&with("sec-websocket-version", "")),
+            upgrade_required
+        );
+        assert_eq!(
+            handshake(&with("sec-websocket-version", "13, 8")),
+            upgrade_required
+        );
+        let bad = Err(StatusCode::BAD_REQUEST);
+        assert_eq!(handshake(&with("upgrade", "h2c")), bad);
+        assert_eq!(handshake(&with("connection", "keep-alive")), bad);
+        assert_eq!(handshake(&with("connection", "")), bad);
+        assert_eq!(handshake(&with("sec-websocket-key", "")), bad);
+        assert_eq!(handshake(&with("sec-websocket-key", "c2hvcnQ=")), bad);
+        let long: &'static str = "QUFB".repeat(1250).leak();
+        assert_eq!(handshake(&with("sec-websocket-key", long)), bad);
+        // 24 characters, but 17 bytes' worth or not base64.
+        assert_eq!(
+            handshake(&with("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZR==")),
+            bad
+        );
+        assert_eq!(
+            handshake(&with("sec-websocket-key", "dGhlIHNhbXBsZSBub25j*Q==")),
+            bad
+        );
+        let mut twice = valid.to_vec();
+        twice.push(("sec-websocket-key", KEY));
+        assert_eq!(handshake(&twice), bad);
+    }
+
+    #[test]
+    fn sixteen_random_bytes_in_base64_are_a_key() {
+        // Every value of the last character's two data bits.
+        for key in [
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "AAAAAAAAAAAAAAAAAAAAAQ==",
+            "/////////////////////g==",
+            "/////////////////////w==",
+        ] {
+            assert!(is_websocket_key(key.as_bytes()), "{key}");
+        }
     }
 
     /// Ready or not, `/readyz` carries the connection count, as a number.

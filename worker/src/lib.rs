@@ -17,6 +17,7 @@
 //! `fleet`, `app`, `auth` (who may connect, what a socket may do), `api` (the server API under
 //! `/api/`), `server` (accept loop with a connection cap), `conn` (connections a drain can cut),
 //! `handoff` (connections the supervising balancer passes over), `http` (the one port),
+//! `limits` (`socketio.limits`: the gate every client message passes, the room limit),
 //! `pages` (an app's own files), `drain` (moving clients away on SIGTERM), `health`
 //! (readiness), `metrics`, `probes` (lag and memory).
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ mod fleet;
 mod handoff;
 mod health;
 mod http;
+mod limits;
 mod metrics;
 mod pages;
 mod probes;
@@ -59,6 +61,7 @@ pub use drain::DrainReport;
 pub use drivers::RedisConnection;
 pub(crate) use drivers::RedisLink;
 pub use fleet::{Ack, App, Fleet, Io, Namespaces, Socket};
+pub use limits::TooManyRooms;
 /// The Redis client the fleet uses, for an app's own state ([`Fleet::redis`]).
 pub use redis;
 pub use settings::WorkerSettings;
@@ -157,6 +160,11 @@ pub async fn run(
         .ping_interval(Duration::from_millis(sio.ping_interval_ms))
         .ping_timeout(Duration::from_millis(sio.ping_timeout_ms))
         .max_payload(sio.max_payload_bytes)
+        // One cap for both transports, as Node's `maxHttpBufferSize`; tungstenite refuses a
+        // frame from its header, before reading its payload, and the patched engineioxide
+        // closes such a WebSocket with 1009.
+        .ws_max_message_size(usize::try_from(sio.max_payload_bytes).unwrap_or(usize::MAX))
+        .ws_max_frame_size(usize::try_from(sio.max_payload_bytes).unwrap_or(usize::MAX))
         .max_buffer_size(sio.max_buffer_packets)
         .ws_read_buffer_size(sio.ws_read_buffer_bytes)
         .with_adapter::<FleetAdapter>(adapter_state)
@@ -174,6 +182,7 @@ pub async fn run(
         metrics.clone(),
         link.clone(),
         room_channels.clone(),
+        &sio.limits,
     );
     let namespaces = app.namespaces();
     let pages = app.static_dir();
@@ -205,6 +214,9 @@ pub async fn run(
             socket.join(auth::user_room(user));
         }
         socket.extensions.insert(grant);
+        if fleet.limits_rooms() {
+            socket.extensions.insert(fleet::RoomLock::default());
+        }
         app.admit(&socket, &fleet).map_err(auth::Refused::app)?;
         bind_websocket_handshake(&ns_registry, &socket);
         app.on_connect(socket, &fleet);
@@ -245,6 +257,7 @@ pub async fn run(
                 metrics.clone(),
                 link.clone(),
                 room_channels.clone(),
+                &sio.limits,
             ),
             readiness: readiness.clone(),
             metrics: metrics.clone(),
@@ -257,6 +270,7 @@ pub async fn run(
         io: io.clone(),
         sio_path: sio.path.trim_end_matches('/').to_owned(),
         allow_eio3: sio.allow_eio3,
+        events_per_sec: sio.limits.events_per_sec,
         cors: shared::cors::Cors::new(&sio.cors),
         api,
         pages,

@@ -61,6 +61,13 @@ pub struct WorkerMetrics {
     pub pubsub_received: IntCounter,
     pub pubsub_delivered: IntCounter,
     pub pubsub_ignored: IntCounter,
+    /// What the limits refused, by kind.
+    pub limited: IntCounterVec,
+    /// Its series, resolved once (which also makes each exist from the start): events are
+    /// counted one by one.
+    pub limited_events: IntCounter,
+    pub limited_rooms: IntCounter,
+    pub limited_message_size: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -76,6 +83,14 @@ impl WorkerMetrics {
             Opts::new(
                 names::WORKER_PUBSUB_MESSAGES_TOTAL,
                 "Pub/sub messages from Redis by what became of them",
+            ),
+            &[names::LABEL_KIND],
+        )
+        .unwrap();
+        let limited = IntCounterVec::new(
+            Opts::new(
+                names::WORKER_LIMITED_TOTAL,
+                "Events dropped, joins refused and WebSockets closed by the limits",
             ),
             &[names::LABEL_KIND],
         )
@@ -144,6 +159,10 @@ impl WorkerMetrics {
             pubsub_delivered: pubsub_messages.with_label_values(&[PUBSUB_DELIVERED]),
             pubsub_ignored: pubsub_messages.with_label_values(&[PUBSUB_IGNORED]),
             pubsub_messages,
+            limited_events: limited.with_label_values(&[crate::limits::KIND_EVENTS]),
+            limited_rooms: limited.with_label_values(&[crate::limits::KIND_ROOMS]),
+            limited_message_size: limited.with_label_values(&[crate::limits::KIND_MESSAGE_SIZE]),
+            limited,
             registry,
         };
         m.register_all();
@@ -181,6 +200,7 @@ impl WorkerMetrics {
             Box::new(self.forbidden.clone()),
             Box::new(self.rooms_subscribed.clone()),
             Box::new(self.pubsub_messages.clone()),
+            Box::new(self.limited.clone()),
         ];
         for c in collectors {
             // Names are distinct constants, so registration cannot collide.
@@ -232,6 +252,10 @@ mod tests {
             text.contains(r#"fleet_worker_events_total{event="join",worker="w7"} 1"#),
             "{text}"
         );
+        for kind in crate::limits::KINDS {
+            let zero = format!(r#"fleet_worker_limited_total{{kind="{kind}",worker="w7"}} 0"#);
+            assert!(text.contains(&zero), "{text}");
+        }
     }
 
     #[cfg(target_os = "linux")]

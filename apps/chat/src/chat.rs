@@ -66,8 +66,12 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
             if let Some(Nick(old)) = s.extensions.get::<Nick>() {
                 s.leave(nick_room(&old));
             }
+            if let Err(too_many) = f.join(&s, nick_room(&name)).await {
+                // The old nickname's room is left already.
+                s.extensions.remove::<Nick>();
+                return reply(ack, refusal(&too_many.to_string()));
+            }
             s.extensions.insert(Nick(name.clone()));
-            f.join(&s, nick_room(&name)).await;
             if let Some(mut redis) = f.redis() {
                 let key = nick_key(&s.id.to_string());
                 let _: Result<(), _> = redis.set_ex(key, &name, NICK_TTL).await;
@@ -90,7 +94,9 @@ pub fn on_connect(socket: Socket, fleet: &Fleet) {
             if s.rooms().len() > MAX_ROOMS {
                 return reply(ack, refusal("in too many rooms: leave one first"));
             }
-            f.join(&s, room.clone()).await;
+            if let Err(too_many) = f.join(&s, room.clone()).await {
+                return reply(ack, refusal(&too_many.to_string()));
+            }
             let history = history::lines(&f, &room).await;
             reply(ack, json!({ "ok": true, "room": room, "history": history }));
         },

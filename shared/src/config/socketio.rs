@@ -13,7 +13,8 @@ pub struct SocketIoConfig {
     pub ping_interval_ms: u64,
     /// Engine.IO ping timeout, in milliseconds. Default 20000.
     pub ping_timeout_ms: u64,
-    /// Largest polling request body accepted, in bytes. Default 100000.
+    /// Largest message accepted, in bytes: a polling request body, or a WebSocket message
+    /// (closed with 1009 beyond it). Default 100000.
     pub max_payload_bytes: u64,
     /// Packets queued per client before further messages to it are dropped (a slow reader,
     /// or a polling client that has gone away). Default 1024.
@@ -34,10 +35,11 @@ pub struct SocketIoConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SocketLimits {
-    /// Events per second per socket: a token bucket, burst = 2 x rate. Excess events are
-    /// dropped and counted (`fleet_worker_limited_total{kind="events"}`).
+    /// Events per second per client connection (its namespaces together): a token bucket,
+    /// burst = 2 x rate. Excess events are dropped and counted
+    /// (`fleet_worker_limited_total{kind="events"}`).
     pub events_per_sec: u32,
-    /// Rooms one socket may be in (its own room not counted); a join beyond it is acked
+    /// Rooms one socket may be in (its own room and its user's not counted); a join beyond it is acked
     /// `{"ok": false, "error": "too many rooms"}`.
     pub max_rooms_per_socket: u32,
 }
