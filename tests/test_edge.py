@@ -339,3 +339,12 @@ def test_one_address_is_held_to_its_connections_including_websockets(closer, tmp
     assert rejects(b, "rate_limited") >= 2
     for s in sockets:
         s.close()
+
+
+def test_session_unknown_reads_the_same_from_the_balancer_and_from_a_worker(closer, tmp_path, redis):
+    b = start(closer, tmp_path, redis, count=1)
+    via_balancer = requests.get(b.url + "/socket.io/?EIO=4&transport=polling&sid=nosuchsession", timeout=5)
+    direct = requests.get(b.worker_url(0) + "/socket.io/?EIO=4&transport=polling&sid=AAAAAAAAAAAAAAAA", timeout=5)
+    expected = {"code": 1, "message": "Session ID unknown"}
+    assert (via_balancer.status_code, via_balancer.json()) == (400, expected)
+    assert (direct.status_code, direct.json()) == (400, expected)

@@ -57,12 +57,13 @@ impl<B> From<Error> for Response<ResponseBody<B>> {
                 .body(ResponseBody::empty_response())
                 .unwrap(),
 
+            // fleet patch: Engine.IO error codes as numbers, as Node's engine.io writes them.
             Error::UnknownSessionID(_) => {
-                conn_err_resp("{\"code\":\"1\",\"message\":\"Session ID unknown\"}")
+                conn_err_resp("{\"code\":1,\"message\":\"Session ID unknown\"}")
             }
 
             Error::TransportMismatch => {
-                conn_err_resp("{\"code\":\"3\",\"message\":\"Bad request\"}")
+                conn_err_resp("{\"code\":3,\"message\":\"Bad request\"}")
             }
 
             _e => {

@@ -100,16 +100,17 @@ impl<B> From<ParseError> for Response<ResponseBody<B>> {
                 .unwrap()
         };
         match err {
-            UnknownTransport => conn_err_resp("{\"code\":\"0\",\"message\":\"Transport unknown\"}"),
+            // fleet patch: Engine.IO error codes as numbers, as Node's engine.io writes them.
+            UnknownTransport => conn_err_resp("{\"code\":0,\"message\":\"Transport unknown\"}"),
             BadHandshakeMethod => {
-                conn_err_resp("{\"code\":\"2\",\"message\":\"Bad handshake method\"}")
+                conn_err_resp("{\"code\":2,\"message\":\"Bad handshake method\"}")
             }
-            TransportMismatch => conn_err_resp("{\"code\":\"3\",\"message\":\"Bad request\"}"),
+            TransportMismatch => conn_err_resp("{\"code\":3,\"message\":\"Bad request\"}"),
             UnsupportedProtocolVersion => {
-                conn_err_resp("{\"code\":\"5\",\"message\":\"Unsupported protocol version\"}")
+                conn_err_resp("{\"code\":5,\"message\":\"Unsupported protocol version\"}")
             }
             UnknownSessionId => {
-                conn_err_resp("{\"code\":\"1\",\"message\":\"Session ID unknown\"}")
+                conn_err_resp("{\"code\":1,\"message\":\"Session ID unknown\"}")
             }
         }
     }
