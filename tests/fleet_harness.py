@@ -4,6 +4,7 @@ Every process is started on a free 127.0.0.1 port and killed when its guard is c
 every wait is bounded (wait_until), never a bare sleep.
 """
 
+import datetime
 import json
 import os
 import queue
@@ -272,6 +273,53 @@ def metric(metrics, name, **labels):
     return total
 
 
+def make_ca(tmp_path, name):
+    """A self-signed CA: (key, certificate, path of its PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    path = Path(tmp_path) / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert, path
+
+
+def make_server_cert(tmp_path, ca_key, ca_cert, name="server", valid_days=(-1, 30)):
+    """A certificate for localhost and 127.0.0.1 signed by the CA, valid from/to the given days
+    relative to now: (cert path, key path), the chain being the leaf then the CA."""
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + datetime.timedelta(days=valid_days[0]))
+            .not_valid_after(now + datetime.timedelta(days=valid_days[1]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = Path(tmp_path) / f"{name}.pem", Path(tmp_path) / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                          + ca_cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 class _SourceAddress(requests.adapters.HTTPAdapter):
     def __init__(self, source):
         self.source = source
@@ -293,9 +341,10 @@ def session_from(source):
 class Client:
     """A python-socketio client that records what it receives and how it disconnects."""
 
-    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None):
+    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None,
+                 ca=None):
         """`source`: a local address to connect from (polling only: the WebSocket library
-        cannot bind one)."""
+        cannot bind one). `ca`: the CA file an https:// server is verified against."""
         self.name = name
         self.url = url
         self.transports = list(transports)
@@ -308,6 +357,10 @@ class Client:
         if source is not None:
             assert self.transports == ["polling"], "a source address is for polling clients"
             extra["http_session"] = session_from(source)
+        if ca is not None:
+            session = extra.setdefault("http_session", requests.Session())
+            session.verify = str(ca)
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE would win over `verify`
         self.sio = socketio.Client(
             reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
             randomization_factor=0.2, request_timeout=5, **extra,

@@ -219,6 +219,8 @@ def test_bytes_sent_right_after_an_upgrade_request_reach_the_worker(closer, tmp_
     op, payload = frames.frame()
     assert op == 1 and payload.startswith(b"0{"), payload
     op, payload = frames.frame()
+    if payload == b"2":  # Engine.IO's first ping may come before the connect's answer
+        op, payload = frames.frame()
     assert op == 1 and payload.startswith(b"40{"), payload
     assert "sid" in json.loads(payload[2:])
 

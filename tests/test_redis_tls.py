@@ -2,47 +2,9 @@
 The worker verifies the server's certificate against `redis.tls.ca_file`; a wrong CA is refused
 and said plainly; `insecure: true` skips verification."""
 
-import datetime
-
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from fleet_harness import BIN_DIR, Client, Proc, free_port, port_open, wait_until
-
-
-def _ca(tmp_path, name):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    path = tmp_path / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert, path
-
-
-def _server_cert(tmp_path, ca_key, ca_cert):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.TraditionalOpenSSL,
-                                                            serialization.NoEncryption()))
-    return tmp_path / "server.pem", tmp_path / "server.key"
+from fleet_harness import BIN_DIR, Client, Proc, free_port, make_ca, make_server_cert, port_open, wait_until
 
 
 class _TlsRedis(Proc):
@@ -70,9 +32,9 @@ def _readyz(url):
 
 
 def test_rediss_verifies_the_server_against_the_configured_ca(closer, tmp_path):
-    ca_key, ca_cert, ca = _ca(tmp_path, "fleet-ca")
-    _, _, other_ca = _ca(tmp_path, "someone-else")
-    cert, key = _server_cert(tmp_path, ca_key, ca_cert)
+    ca_key, ca_cert, ca = make_ca(tmp_path, "fleet-ca")
+    _, _, other_ca = make_ca(tmp_path, "someone-else")
+    cert, key = make_server_cert(tmp_path, ca_key, ca_cert)
     redis = closer.add(_TlsRedis(tmp_path, cert, key, ca))
 
     _, good = _worker(closer, tmp_path, redis.port, f"    ca_file: {ca}\n", "good")

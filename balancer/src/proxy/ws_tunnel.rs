@@ -25,7 +25,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_prometheus::prometheus::IntGauge;
 use pingora_proxy::Session;
 use shared::shutdown::{Shutdown, ShutdownTrigger};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -161,41 +161,42 @@ pub async fn run(
 /// Copies both ways until either side closes, fails, or stays silent for `idle`, or the
 /// tunnel's moment to close at shutdown comes. A WebSocket ends with a close or a reset from
 /// either side as a matter of course: nothing here is an error.
-async fn pump(client: Stream, mut upstream: TcpStream, idle: Duration, closing: Closing) {
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut up_read, mut up_write) = upstream.split();
-    tokio::select! {
-        _ = copy(&mut client_read, &mut up_write, idle) => {}
-        _ = copy(&mut up_read, &mut client_write, idle) => {}
-        _ = closing.moment() => {}
-    }
-    let _ = up_write.shutdown().await;
-    let _ = client_write.shutdown().await;
-}
-
-async fn copy(
-    from: &mut (impl AsyncRead + Unpin),
-    to: &mut (impl AsyncWrite + Unpin),
-    idle: Duration,
-) {
-    let mut buf = vec![0u8; COPY_BUF];
-    // One timer for the tunnel's life, pushed back after each read: a new timer per message
-    // would register and cancel a timer-wheel entry on every broadcast.
-    let silence = tokio::time::sleep(idle);
-    tokio::pin!(silence);
+///
+/// One task owns the client's stream and reads it again after every write: a TLS stream split
+/// in two halves can leave bytes it decrypted while writing unseen by the reading half until
+/// more arrive (a Socket.IO connect held until the next ping).
+async fn pump(mut client: Stream, mut upstream: TcpStream, idle: Duration, closing: Closing) {
+    let mut from_client = vec![0u8; COPY_BUF];
+    let mut from_worker = vec![0u8; COPY_BUF];
+    // One timer per direction for the tunnel's life, pushed back after each read: a new timer
+    // per message would register and cancel a timer-wheel entry on every broadcast.
+    let client_silent = tokio::time::sleep(idle);
+    let worker_silent = tokio::time::sleep(idle);
+    let moment = closing.moment();
+    tokio::pin!(client_silent, worker_silent, moment);
     loop {
-        let n = tokio::select! {
-            read = from.read(&mut buf) => match read {
-                Ok(n) if n > 0 => n,
-                _ => return,
-            },
-            _ = &mut silence => return,
-        };
-        silence.as_mut().reset(tokio::time::Instant::now() + idle);
-        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
-            return;
+        tokio::select! {
+            read = client.read(&mut from_client) => {
+                let Ok(n @ 1..) = read else { break };
+                client_silent.as_mut().reset(tokio::time::Instant::now() + idle);
+                if upstream.write_all(&from_client[..n]).await.is_err() {
+                    break;
+                }
+            }
+            read = upstream.read(&mut from_worker) => {
+                let Ok(n @ 1..) = read else { break };
+                worker_silent.as_mut().reset(tokio::time::Instant::now() + idle);
+                if client.write_all(&from_worker[..n]).await.is_err() || client.flush().await.is_err() {
+                    break;
+                }
+            }
+            _ = &mut client_silent => break,
+            _ = &mut worker_silent => break,
+            _ = &mut moment => break,
         }
     }
+    let _ = upstream.shutdown().await;
+    let _ = client.shutdown().await;
 }
 
 /// Relays a refused upgrade (e.g. 400 Session ID unknown, 503 while draining) as it came.
