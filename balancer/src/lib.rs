@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod api;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod placement;
 pub mod proxy;
@@ -98,7 +99,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
     let handoffs = Arc::new(proxy::handoff::Handoffs::default());
 
-    let rejections = Arc::new(proxy::rejections::RejectLog::default());
+    let rejections = proxy::rejections::shared();
     let limits = limits::AddressLimits::new(&cfg.balancer.limits);
     let (close_tunnels, tunnels_closing) = shared::shutdown::channel();
     server.add_service(background_service(

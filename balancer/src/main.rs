@@ -27,13 +27,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        .with_ansi(false)
-        .init();
+    balancer::logging::init();
     let args = Args::parse();
     let cfg = match FleetConfig::load(&args.config) {
         Ok(cfg) => cfg,

@@ -5,11 +5,18 @@
 //! (in metrics, and in a summary logged at most once a minute).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often the "and N more" summary may be logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// The process's one log of refusals (the listener, the proxy and the log filter share it, so
+/// each class is logged once).
+pub fn shared() -> Arc<RejectLog> {
+    static SHARED: OnceLock<Arc<RejectLog>> = OnceLock::new();
+    Arc::clone(SHARED.get_or_init(Default::default))
+}
 
 /// Counts since the last log line, per class.
 #[derive(Default)]
