@@ -445,6 +445,7 @@ def analyse(soak, files):
         spans[len(ws)] += 1
 
     return {"parameters": soak.params, "windows": rows, "rss": rss_table(soak), "room_worker_spans": dict(spans),
+            "rss_samples": [(round(t - soak.t0, 1), role, pid, b) for t, role, pid, b in soak.rss],
             "loadtest": {k: soak.report[k] for k in ("connected", "failed", "reconnects", "published", "acked",
                                                      "deliveries", "errors", "clients_per_worker", "delivery_ms")}}
 
