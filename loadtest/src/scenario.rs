@@ -23,7 +23,7 @@ impl Transport {
     /// The transport client `index` uses (`mixed` alternates websocket and upgrade).
     pub fn for_client(self, index: usize) -> Transport {
         match self {
-            Transport::Mixed if index % 2 == 0 => Transport::Websocket,
+            Transport::Mixed if index.is_multiple_of(2) => Transport::Websocket,
             Transport::Mixed => Transport::Upgrade,
             t => t,
         }
