@@ -454,6 +454,24 @@ def test_sigterm_spreads_closing_the_websockets_it_relays(closer, tmp_path, redi
     assert fresh.call("echo", 1) == 1
 
 
+def test_sigterm_without_workers_of_its_own_exits_once_its_websockets_closed(closer, tmp_path, redis):
+    """A balancer that runs no workers exits as soon as the WebSockets it relays have closed
+    (over the 2 s drain window), not at the end of its grace period (7 s): its listener is
+    closed from the start of the shutdown, so a balancer restarted in place would refuse every
+    reconnect until then."""
+    b1 = start(closer, tmp_path, redis)
+    b2 = closer.add(Balancer(tmp_path, redis.url, spawn=False, base_port=b1.base_port, name="bal2"))
+    b2.wait_ready()
+    clients = [closer.add(Client(b2.url, ["websocket"])).connect() for _ in range(10)]
+    wait_until(lambda: websockets_active(b2) == 10, 5, what="10 relayed WebSockets counted")
+    b2.signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert b2.wait_exit(10) == 0
+    assert time.monotonic() - t0 < 2 + 1.5, "exited at the end of the grace period"
+    assert all(c.disconnected_at for c in clients)
+    assert "every relayed WebSocket has closed" in b2.output()
+
+
 def _handshake_tag(url, headers=None):
     r = requests.get(url + "/socket.io/?EIO=4&transport=polling", headers=headers or {}, timeout=5)
     assert r.status_code == 200, r.text

@@ -104,7 +104,10 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
     let (close_tunnels, tunnels_closing) = shared::shutdown::channel();
     server.add_service(background_service(
         "relayed websockets",
-        proxy::ws_tunnel::CloseOnShutdown(close_tunnels),
+        proxy::ws_tunnel::CloseOnShutdown {
+            trigger: close_tunnels,
+            exit_when_idle: !cfg.spawns_workers(),
+        },
     ));
     let mut proxy = Service::new(
         "proxy".to_owned(),

@@ -1,6 +1,7 @@
 //! One simulated client: connect, `whoami`, `join` its room, then (if a publisher) publish
 //! while counting every `message` it receives.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,7 +14,7 @@ use tokio::sync::watch;
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 
 use crate::protocol::{self, Packet, Sio};
-use crate::scenario::{AppProtocol, Scenario, Target};
+use crate::scenario::{AppProtocol, Scenario, Target, Transport};
 use crate::stats::{Seen, Stats};
 use crate::transport::{Conn, ConnError};
 
@@ -60,15 +61,19 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
     let room = sc.room_of(index);
     let source = (!shared.sources.is_empty()).then(|| shared.sources[index % shared.sources.len()]);
     let target = &shared.targets[index % shared.targets.len()];
+    let transport = sc.transport.for_client(index);
     let mut phase = shared.phase.clone();
 
     let conn = loop {
-        match connect(&shared, target, source, &room).await {
+        match connect(&shared, target, transport, source, &room).await {
             Ok((conn, worker)) => {
                 if *phase.borrow() == Phase::Connect {
                     shared.stats.member(room_no, &worker);
                     shared.stats.ready.fetch_add(1, Relaxed);
-                    break Some(conn);
+                    shared
+                        .stats
+                        .event(format_args!("j {index} {worker} {}", unix_micros()));
+                    break Some((conn, worker));
                 }
                 // Too late to be counted as a member: it would receive unowed deliveries.
                 shared.stats.error("joined_late");
@@ -84,7 +89,7 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
             }
         }
     };
-    let Some(mut c) = conn else {
+    let Some((mut c, worker)) = conn else {
         shared.stats.failed.fetch_add(1, Relaxed);
         return;
     };
@@ -98,6 +103,9 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
         room,
         room_no,
         publisher: index < sc.publishers,
+        worker,
+        transport,
+        pending: HashMap::new(),
         seq: 0,
         next_ack: FIRST_PUBLISH_ACK,
         inflight: 0,
@@ -113,6 +121,9 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
                     return;
                 }
                 shared.stats.error(&format!("dropped_{}", e.kind()));
+                shared
+                    .stats
+                    .event(format_args!("d {index} {} {}", unix_micros(), e.kind()));
                 if !sc.reconnect {
                     return;
                 }
@@ -134,11 +145,12 @@ pub async fn run(index: usize, shared: Arc<Shared>) {
 async fn connect(
     shared: &Shared,
     target: &Target,
+    transport: Transport,
     source: Option<IpAddr>,
     room: &str,
 ) -> Result<(Conn, String), ConnError> {
     let started = Instant::now();
-    let (mut conn, _open) = Conn::open(target, shared.scenario.transport, source).await?;
+    let (mut conn, _open) = Conn::open(target, transport, source).await?;
     conn.send(&[protocol::connect(shared.scenario.token.as_deref())])
         .await?;
     let mut worker = None;
@@ -207,6 +219,11 @@ struct Member {
     room: String,
     room_no: usize,
     publisher: bool,
+    /// The worker it is on now (whoami).
+    worker: String,
+    transport: Transport,
+    /// Publishes awaiting their ack: ack id → (seq, Unix µs sent).
+    pending: HashMap<u64, (u64, u64)>,
     seq: u64,
     next_ack: u64,
     inflight: usize,
@@ -281,8 +298,18 @@ impl Member {
             }
             Packet::Message(Sio::Ack { id, args }) if id >= FIRST_PUBLISH_ACK => {
                 self.inflight = self.inflight.saturating_sub(1);
+                let sent = self.pending.remove(&id);
                 if args.first().and_then(|a| a["ok"].as_bool()) == Some(true) {
                     shared.stats.acked.fetch_add(1, Relaxed);
+                    if let Some((seq, t)) = sent {
+                        shared.stats.event(format_args!(
+                            "a {} {seq} {} {} {t} {}",
+                            self.index,
+                            self.room_no,
+                            self.worker,
+                            unix_micros()
+                        ));
+                    }
                 } else {
                     shared.stats.error("publish_refused");
                 }
@@ -311,6 +338,7 @@ impl Member {
             shared.stats.duplicates.fetch_add(1, Relaxed);
             return;
         }
+        shared.stats.event(format_args!("r {} {p} {s}", self.index));
         shared
             .stats
             .delivery_latency(self.index, unix_micros().saturating_sub(t));
@@ -319,7 +347,9 @@ impl Member {
     async fn publish(&mut self, shared: &Shared, conn: &mut Conn) -> Result<(), ConnError> {
         let id = self.next_ack;
         self.next_ack += 1;
-        let data = json!({"p": self.index, "s": self.seq, "t": unix_micros(), "x": self.padding});
+        let now = unix_micros();
+        let data = json!({"p": self.index, "s": self.seq, "t": now, "x": self.padding});
+        self.pending.insert(id, (self.seq, now));
         let (event, arg) = match shared.scenario.app {
             AppProtocol::Rooms => (EV_PUBLISH, json!({ "room": self.room, "data": data })),
             AppProtocol::Chat => (
@@ -346,10 +376,15 @@ impl Member {
             if *phase.borrow() == Phase::Stop {
                 return None;
             }
-            match connect(shared, target, source, &self.room).await {
-                Ok((conn, _)) => {
+            match connect(shared, target, self.transport, source, &self.room).await {
+                Ok((conn, worker)) => {
                     shared.stats.reconnects.fetch_add(1, Relaxed);
+                    shared
+                        .stats
+                        .event(format_args!("j {} {worker} {}", self.index, unix_micros()));
+                    self.worker = worker;
                     self.inflight = 0;
+                    self.pending.clear();
                     return Some(conn);
                 }
                 Err(e) => shared.stats.error(&format!("reconnect_{}", e.kind())),

@@ -6,11 +6,13 @@
 //! - [`transport`]: one connection: WebSocket, polling, or polling upgraded.
 //! - [`client`]: one simulated client: connect, whoami, join, publish, count deliveries.
 //! - [`stats`]: counters, HDR histograms, exactly-once bookkeeping, mergeable snapshots.
+//! - [`events`]: the optional per-event log (joins, drops, acks, first receipts).
 //! - [`run`]: one process's share of the clients, phase by phase.
 //! - [`procs`]: one process or several, with the live line; [`report`]: table, JSON, verdict.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod events;
 pub mod procs;
 pub mod protocol;
 pub mod report;

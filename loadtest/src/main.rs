@@ -28,7 +28,7 @@ struct Args {
     /// New clients per second.
     #[arg(long)]
     connect_rate: Option<f64>,
-    /// websocket | polling | upgrade.
+    /// websocket | polling | upgrade | mixed (even clients websocket, odd upgrade).
     #[arg(long, value_enum)]
     transport: Option<Transport>,
     /// Rooms (client i joins room i mod rooms).
@@ -77,6 +77,9 @@ struct Args {
     /// `auth.mode: jwt` or `proxy` (default: $LOADTEST_TOKEN; none).
     #[arg(long, env = "LOADTEST_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Write an event log here (process I of several: FILE.I); see the `events` module.
+    #[arg(long)]
+    events: Option<String>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -106,6 +109,9 @@ impl Args {
         }
         if let Some(app) = self.app {
             s.app = app;
+        }
+        if self.events.is_some() {
+            s.events.clone_from(&self.events);
         }
         if self.token.is_some() {
             s.token.clone_from(&self.token);

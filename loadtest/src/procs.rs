@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::events::EventLog;
 use crate::run::{Control, Progress, run_share};
 use crate::scenario::Scenario;
 use crate::stats::Snapshot;
@@ -43,6 +44,16 @@ pub fn live_line(p: &Progress, rates: (f64, f64)) -> String {
     )
 }
 
+/// Opens this process's event log, if the scenario asks for one (a file that cannot be
+/// created is reported, and the run goes on without it).
+fn event_log(scenario: &Scenario, child: Option<usize>) -> Option<EventLog> {
+    let base = scenario.events.as_deref()?;
+    let path = EventLog::path_for(base, child);
+    EventLog::create(std::path::Path::new(&path))
+        .map_err(|e| eprintln!("loadtest: event log {path}: {e}"))
+        .ok()
+}
+
 /// Runs everything in this process.
 pub async fn run_solo(scenario: &Scenario) -> Snapshot {
     struct Solo;
@@ -55,7 +66,8 @@ pub async fn run_solo(scenario: &Scenario) -> Snapshot {
         }
     }
     let all = (0..scenario.clients).collect();
-    run_share(scenario, all, scenario.connect_rate, &mut Solo).await
+    let events = event_log(scenario, None);
+    run_share(scenario, all, scenario.connect_rate, events, &mut Solo).await
 }
 
 /// Runs as child `index` of a multi-process run.
@@ -86,6 +98,7 @@ pub async fn run_child(scenario: &Scenario, index: usize) -> Snapshot {
         scenario,
         mine,
         scenario.connect_rate / scenario.procs as f64,
+        event_log(scenario, Some(index)),
         &mut Child,
     )
     .await;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::client::{self, Phase, Shared};
+use crate::events::EventLog;
 use crate::scenario::Scenario;
 use crate::stats::{Snapshot, Stats};
 use crate::transport::HTTP_REQUESTS;
@@ -57,6 +58,7 @@ pub async fn run_share(
     scenario: &Scenario,
     indices: Vec<usize>,
     connect_rate: f64,
+    events: Option<EventLog>,
     control: &mut impl Control,
 ) -> Snapshot {
     let targets = scenario.check().expect("scenario checked before the run");
@@ -65,7 +67,7 @@ pub async fn run_share(
         sources: scenario.source_addrs().expect("checked"),
         scenario: scenario.clone(),
         targets,
-        stats: Stats::new(scenario.rooms),
+        stats: Stats::new(scenario.rooms).with_events(events),
         phase: phase_rx,
     });
     let started = Instant::now();
@@ -126,6 +128,9 @@ pub async fn run_share(
     })
     .await;
     tasks.abort_all();
+    if let Some(log) = &shared.stats.events {
+        log.flush();
+    }
     let mut snap = shared.stats.snapshot(total as usize);
     snap.publish_secs = publish_secs;
     snap.publish_http_requests = publish_requests;

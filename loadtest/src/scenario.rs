@@ -15,6 +15,19 @@ pub enum Transport {
     Polling,
     /// Polling handshake, then upgraded to WebSocket (the official client's default).
     Upgrade,
+    /// Half and half: even-numbered clients `websocket`, odd ones `upgrade`.
+    Mixed,
+}
+
+impl Transport {
+    /// The transport client `index` uses (`mixed` alternates websocket and upgrade).
+    pub fn for_client(self, index: usize) -> Transport {
+        match self {
+            Transport::Mixed if index.is_multiple_of(2) => Transport::Websocket,
+            Transport::Mixed => Transport::Upgrade,
+            t => t,
+        }
+    }
 }
 
 /// One load run. Every field has a default; a YAML file may give any of them.
@@ -66,6 +79,10 @@ pub struct Scenario {
     /// with `auth.mode: jwt` or `proxy`. Never written into a report.
     #[serde(default)]
     pub token: Option<String>,
+    /// Write an event log here (joins, drops, acknowledged publishes, first receipts; see
+    /// [`crate::events`]); process I of several writes `events.I`.
+    #[serde(default)]
+    pub events: Option<String>,
 }
 
 impl Default for Scenario {
@@ -90,6 +107,7 @@ impl Default for Scenario {
             procs: 1,
             max_loss: 0.0,
             token: None,
+            events: None,
             app: AppProtocol::Rooms,
         }
     }
@@ -255,6 +273,17 @@ mod tests {
             ..Scenario::default()
         };
         assert_eq!(bad.check().unwrap_err().field, "sources");
+    }
+
+    #[test]
+    fn mixed_alternates_websocket_and_upgrade() {
+        let t = Transport::Mixed;
+        assert_eq!(t.for_client(0), Transport::Websocket);
+        assert_eq!(t.for_client(1), Transport::Upgrade);
+        assert_eq!(Transport::Polling.for_client(1), Transport::Polling);
+        let s: Scenario = serde_yaml::from_str("transport: mixed\nevents: /tmp/e\n").unwrap();
+        assert_eq!(s.transport, Transport::Mixed);
+        assert_eq!(s.events.as_deref(), Some("/tmp/e"));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
+use crate::events::EventLog;
+
 /// Delivery latencies are recorded in shards so thousands of clients rarely share a lock.
 const SHARDS: usize = 16;
 
@@ -41,6 +43,8 @@ pub struct Stats {
     workers: Mutex<BTreeMap<String, u64>>,
     connect: Mutex<Histogram<u64>>,
     delivery: Vec<Mutex<Histogram<u64>>>,
+    /// The event log, when the scenario asks for one.
+    pub events: Option<EventLog>,
 }
 
 impl Stats {
@@ -61,6 +65,19 @@ impl Stats {
             workers: Mutex::new(BTreeMap::new()),
             connect: Mutex::new(new_histogram()),
             delivery: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
+            events: None,
+        }
+    }
+
+    /// The same counters, writing to `events` too.
+    pub fn with_events(self, events: Option<EventLog>) -> Self {
+        Stats { events, ..self }
+    }
+
+    /// Appends a line to the event log, if there is one.
+    pub fn event(&self, args: std::fmt::Arguments<'_>) {
+        if let Some(log) = &self.events {
+            log.line(args);
         }
     }
 
@@ -68,6 +85,8 @@ impl Stats {
     pub fn error(&self, kind: &str) {
         let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         *e.entry(kind.to_owned()).or_default() += 1;
+        drop(e);
+        self.event(format_args!("e {} {kind}", shared::unix_micros()));
     }
 
     /// Total errors so far.

@@ -97,7 +97,8 @@ impl Conn {
         source: Option<IpAddr>,
     ) -> Result<(Conn, Open), ConnError> {
         match transport {
-            Transport::Websocket => {
+            // `mixed` is resolved per client (`Transport::for_client`) before this.
+            Transport::Websocket | Transport::Mixed => {
                 let mut ws = ws_connect(target, source, None).await?;
                 let first = timed(ws_recv(&mut ws)).await??;
                 match first.into_iter().next() {

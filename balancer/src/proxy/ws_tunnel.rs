@@ -81,14 +81,49 @@ impl Closing {
 }
 
 /// Fires the tunnels' [`Closing`] when pingora starts its graceful shutdown.
-pub struct CloseOnShutdown(pub ShutdownTrigger);
+///
+/// With `exit_when_idle` (a balancer that runs no workers, so no supervisor ends the process
+/// once they have drained), the process exits once every WebSocket it relays has closed, plus
+/// [`EXIT_LINGER`] for HTTP answers in flight, rather than sleeping out pingora's grace period:
+/// its listener closed when the shutdown began, so a balancer restarted in place (same port)
+/// would refuse its clients' reconnects for the rest of that period.
+pub struct CloseOnShutdown {
+    /// Fired at shutdown.
+    pub trigger: ShutdownTrigger,
+    /// Exit as soon as no relayed WebSocket is left.
+    pub exit_when_idle: bool,
+}
+
+/// How long a balancer that runs no workers stays up after its last relayed WebSocket closed.
+pub const EXIT_LINGER: Duration = Duration::from_millis(500);
 
 #[async_trait]
 impl BackgroundService for CloseOnShutdown {
     async fn start(&self, shutdown: ShutdownWatch) {
         Shutdown::from_watch(shutdown).recv().await;
-        self.0.trigger();
+        self.trigger.trigger();
+        if !self.exit_when_idle {
+            return;
+        }
+        while open_websockets() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(EXIT_LINGER).await;
+        tracing::info!("every relayed WebSocket has closed: exiting");
+        std::process::exit(0);
     }
+}
+
+/// WebSockets open through this balancer, over every worker.
+fn open_websockets() -> i64 {
+    use pingora_prometheus::prometheus::core::Collector;
+    crate::metrics::METRICS
+        .websockets
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_gauge().value() as i64)
+        .sum()
 }
 
 /// Copy buffer per direction: Socket.IO messages are small, and a balancer holds thousands.
