@@ -27,7 +27,11 @@ fn main() {
     let before = rss_kib();
     // 10,000 addresses holding a connection each (what 20,000 descriptors allow at most).
     let held: Vec<_> = (0..10_000u32)
-        .map(|n| limits.connect(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))).unwrap())
+        .map(|n| {
+            limits
+                .connect(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)))
+                .unwrap()
+        })
         .collect();
     let started = Instant::now();
     let mut peak_tracked = 0;
@@ -42,7 +46,9 @@ fn main() {
         }
     }
     let elapsed = started.elapsed();
-    println!("| addresses flooding | table cap | tracked at most | RSS before | RSS at most | ns per check |");
+    println!(
+        "| addresses flooding | table cap | tracked at most | RSS before | RSS at most | ns per check |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     println!(
         "| 1,000,000 (+10,000 holding connections) | {MAX_ADDRESSES} | {peak_tracked} | {:.1} MiB | {:.1} MiB | {:.0} |",
