@@ -1,5 +1,5 @@
-"""Long-polling requests handed to the workers: with `workers.handoff` on (and TLS off), the
-first request of a connection that names a session leaves the balancer as a file descriptor,
+"""Long-polling requests handed to the workers: with `workers.handoff` and
+`workers.handoff_polling` on (and TLS off), the first request of a connection that names a session leaves the balancer as a file descriptor,
 the worker answers it `Connection: close`, and the client's next request comes back through
 the balancer on a new connection. Raw sockets check the framing (a POST body in the head's
 packet or after it), python-socketio clients the delivery, stickiness and worker death."""
@@ -21,8 +21,9 @@ POLL = "/socket.io/?EIO=4&transport=polling"
 LIMITS = "balancer:\n  limits:\n    connections_per_ip: {conns}\n    handshakes_per_ip_per_sec: 0\n"
 
 
-def start(closer, tmp_path, redis, **kw):
-    b = closer.add(Balancer(tmp_path, redis.url, **kw))
+def start(closer, tmp_path, redis, handoff_polling=True, extra="", **kw):
+    extra = ("  handoff_polling: true\n" if handoff_polling else "") + extra
+    b = closer.add(Balancer(tmp_path, redis.url, extra=extra, **kw))
     b.wait_ready()
     return b
 
@@ -234,10 +235,12 @@ def test_connections_per_ip_count_handed_off_polls_until_they_close(closer, tmp_
         c.close()
 
 
-def test_without_handoff_polling_is_proxied_on_kept_alive_connections(closer, tmp_path, redis):
-    """`workers.handoff: false`: the balancer proxies every polling request and keeps the
-    client's connection open between them."""
-    b = start(closer, tmp_path, redis, count=1, extra="  handoff: false\n")
+@pytest.mark.parametrize("extra", ["", "  handoff: false\n  handoff_polling: true\n"],
+                         ids=["default", "handoff-off"])
+def test_without_it_polling_is_proxied_on_kept_alive_connections(closer, tmp_path, redis, extra):
+    """By default (`handoff_polling: false`), or with `workers.handoff: false`, the balancer
+    proxies every polling request and keeps the client's connection open between them."""
+    b = start(closer, tmp_path, redis, count=1, handoff_polling=False, extra=extra)
     http = requests.Session()
     r = http.get(b.url + POLL, timeout=5)
     assert r.headers.get("connection", "").lower() == "keep-alive", r.headers

@@ -66,6 +66,9 @@ pub struct FrontConfig {
     pub max_header_bytes: usize,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted: Vec<IpNetwork>,
+    /// Keep a first request's body bytes in [`ConnInfo`] (long-polling requests are handed
+    /// to the workers).
+    pub keep_first_body: bool,
     /// Per-address limits, when any is on.
     pub limits: Option<Arc<AddressLimits>>,
     /// Refusals, logged once per class (shared with the proxy).
@@ -292,7 +295,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     }
                     if head.upgrade && buf.len() > len {
                         *info.after_upgrade.lock().unwrap() = Some(buf.split_off(len).freeze());
-                    } else if !head.upgrade {
+                    } else if !head.upgrade && self.cfg.keep_first_body {
                         if head.body_len.is_some_and(|body| buf.len() - len <= body) {
                             // pingora gets them too, should the request stay with it.
                             let body = Bytes::copy_from_slice(&buf[len..]);

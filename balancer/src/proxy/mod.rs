@@ -88,7 +88,8 @@ pub struct FleetProxy {
     /// what it placed is their load, so it counts the sessions it sees end too.
     counts_ends: bool,
     /// Long-polling requests of existing sessions are handed to the workers (`hand_off_poll`):
-    /// `workers.handoff` on, TLS off, and the balancer need not read their bodies.
+    /// `workers.handoff` and `workers.handoff_polling` on, TLS off, and the balancer need not
+    /// read their bodies.
     polls_leave: bool,
 }
 
@@ -127,10 +128,7 @@ impl FleetProxy {
             limits,
             tls: cfg.balancer.tls.enabled(),
             counts_ends: cfg.balancer.health_check == HealthCheck::Engineio,
-            polls_leave: cfg.spawns_workers()
-                && cfg.workers.handoff
-                && !cfg.balancer.tls.enabled()
-                && cfg.balancer.health_check != HealthCheck::Engineio,
+            polls_leave: polls_leave(cfg),
         }
     }
 
@@ -449,6 +447,15 @@ impl FleetProxy {
         }
         Ok(Attempt::Done(true))
     }
+}
+
+/// Whether long-polling requests of existing sessions are handed to the workers.
+pub fn polls_leave(cfg: &FleetConfig) -> bool {
+    cfg.spawns_workers()
+        && cfg.workers.handoff
+        && cfg.workers.handoff_polling
+        && !cfg.balancer.tls.enabled()
+        && cfg.balancer.health_check != HealthCheck::Engineio
 }
 
 /// Whether a request announces a body.
