@@ -85,7 +85,7 @@ def test_stock_socketio_servers_every_transport_sticky_ejected_on_kill(closer, t
         assert per_server[server] <= held <= per_server[server] + 2, (server, held, per_server)
 
     # SIGKILL n1: the balancer ejects it, its clients come back on n0, n0's never notice.
-    victim, survivor = servers[1], servers[0]
+    victim = servers[1]
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(10)
     wait_until(lambda: up(b, victim) == 0, 5, what="the killed server ejected")

@@ -4,13 +4,10 @@
 
 import base64
 import os
-import select
 import socket
 import struct
 import threading
 import time
-
-import pytest
 
 from fleet_harness import Balancer, Client, Worker, free_port, metric, wait_until
 
