@@ -128,7 +128,7 @@ class Fleet:
     extra balancers, which spawn nothing, always relay."""
 
     def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml="",
-                 command=None, placement=None, redis_yaml=""):
+                 command=None, placement=None, redis_yaml="", bin_dir=None, handoff_polling=False):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -140,11 +140,12 @@ class Fleet:
                 f"redis:\n  url: {redis.url}\n" + redis_yaml +
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
                 f"  handoff: {'true' if handoff else 'false'}\n"
+                + ("  handoff_polling: true\n" if handoff_polling else "")
                 + (f"  command: [{command}]\n" if command else "") +
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
                 f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n"
                 + (f"  placement: {placement}\n" if placement else "") + extra_yaml)
-            self.procs.append(Proc(f"balancer-{self.port}-{i}", [str(BIN / "balancer"), "--config", str(cfg)]))
+            self.procs.append(Proc(f"balancer-{self.port}-{i}", [str((bin_dir or BIN) / "balancer"), "--config", str(cfg)]))
             if i == 0:
                 for w in range(workers):
                     wait_port(self.base + w)
@@ -669,16 +670,23 @@ def polling_scenario(load, duration):
 
 
 def polling(args, results):
-    """Long-polling through the balancer (every request proxied, two hops per round trip) vs
-    straight to the workers, and Node's setup, in alternating rounds; medians reported."""
+    """Long-polling through the balancer (every request proxied; and with
+    `workers.handoff_polling: true`, the sessions' requests handed to the workers, a connection
+    each) vs straight to the workers, and Node's setup, in alternating rounds; with
+    --polling-old-bin, another build's balancer in the same rounds; medians reported."""
     print("== long-polling", file=sys.stderr)
     out = {}
+    modes = (("through_balancer", "through_balancer_handoff", "direct", "node")
+             + (("through_balancer_old",) if args.polling_old_bin else ()))
     for load in (args.polling_rate, "flood"):
-        runs = {mode: [] for mode in ("through_balancer", "direct", "node")}
+        runs = {mode: [] for mode in modes}
         for rnd in range(args.polling_rounds):
             for mode in runs:
                 redis = Redis()
-                setup = NodeSetup(redis, args.workers) if mode == "node" else Fleet(redis, args.workers)
+                old = Path(args.polling_old_bin) if mode == "through_balancer_old" else None
+                setup = (NodeSetup(redis, args.workers) if mode == "node"
+                         else Fleet(redis, args.workers, bin_dir=old,
+                                    handoff_polling=mode == "through_balancer_handoff"))
                 url = setup.worker_urls if mode == "direct" else setup.url
                 try:
                     runs[mode].append(measured_run(lambda: setup.pids() + redis.pids(), url,
@@ -690,6 +698,12 @@ def polling(args, results):
         key = "flood" if load == "flood" else f"rate_{load}"
         out[key] = {mode: {"median": median_run(rs), "runs": rs} for mode, rs in runs.items()}
     results["polling"] = out
+    results["polling_duration_s"] = args.polling_duration
+
+
+def args_duration(results):
+    """The long-polling runs' publishing time, in seconds (kept with the results)."""
+    return results.get("polling_duration_s", 10)
 
 
 def median_run(runs):
@@ -788,6 +802,20 @@ def table(results):
                      f"{n['p50_ms']}/{n['p99_ms']} node ms; balancer CPU {t['balancer_share_pct']}% of the rest's; "
                      f"failures (errors, missing, duplicate) {t['failures_all_runs']} / {d['failures_all_runs']} / "
                      f"{n['failures_all_runs']}")
+        for mode, what in (("through_balancer_handoff", "workers.handoff_polling: true"),
+                           ("through_balancer_old", "the balancer built in --polling-old-bin")):
+            if mode not in p:
+                continue
+            o = p[mode]["median"]
+            lines.append(f"long-polling {load}, {what}: HTTP requests/s "
+                         f"{o['http_requests_per_sec']}; delivery p50/p99 {o['p50_ms']}/{o['p99_ms']} ms; balancer "
+                         f"CPU {o['balancer_share_pct']}% of the rest's; failures {o['failures_all_runs']}")
+        for mode in p:
+            per_request = [r["balancer_cpu_s"] * 1e6 / (r["http_requests_per_sec"] * args_duration(results))
+                           for r in p[mode]["runs"] if "balancer_cpu_s" in r and r["http_requests_per_sec"]]
+            if per_request:
+                lines.append(f"long-polling {load}, {mode}: balancer (Node: the primary) CPU per request, median "
+                             f"{statistics.median(per_request):.1f} us (of {len(per_request)} runs)")
     a = results.get("auth")
     if a:
         n, j = a["none"]["median"], a["jwt"]["median"]
@@ -846,6 +874,8 @@ def main():
     ap.add_argument("--only-many", action="store_true", help="capacity: only the 40,000-client runs")
     ap.add_argument("--only-scale", action="store_true",
                     help="only rooms of two as workers are added, and what a room costs Redis")
+    ap.add_argument("--polling-old-bin", help="long-polling: also through the balancer (and its workers) built "
+                    "in this directory, in the same alternating rounds: an A/B of two builds")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--scale-workers", help="scale: the fleet's worker counts, comma-separated (2,4,8,16)")
     ap.add_argument("--scale-node-workers", help="scale: the Node setup's worker counts (2,8); 0 for none")

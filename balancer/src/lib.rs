@@ -127,6 +127,7 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
                 header_timeout: Duration::from_secs(cfg.balancer.header_timeout_secs),
                 max_header_bytes: cfg.balancer.max_header_bytes,
                 trusted: cfg.balancer.trusted_proxies.clone(),
+                keep_first_body: proxy::polls_leave(cfg),
                 limits,
                 rejections,
                 tls: tls.map(|(acceptor, watcher)| {

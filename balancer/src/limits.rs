@@ -157,6 +157,13 @@ impl AddressLimits {
 #[derive(Default)]
 pub struct ConnSlot(Option<(Arc<AddressLimits>, IpAddr)>);
 
+impl ConnSlot {
+    /// Whether it holds a place in an address's count (limits are on).
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         if let Some((limits, ip)) = self.0.take() {

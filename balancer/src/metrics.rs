@@ -34,7 +34,7 @@ pub struct Metrics {
     pub worker_up: IntGaugeVec,
     /// Worker process restarts by the supervisor.
     pub restarts: IntCounterVec,
-    /// Time from request to response end (WebSockets excluded).
+    /// Time from request to response end (WebSockets and handed-off polling requests excluded).
     pub duration: Histogram,
     /// Server API requests, by endpoint and status code.
     pub api_requests: IntCounterVec,
@@ -163,7 +163,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         duration: register_histogram!(
             HistogramOpts::new(
                 names::BALANCER_REQUEST_DURATION,
-                "Request duration, WebSockets excluded"
+                "Request duration, WebSockets and long-polling requests handed to a worker excluded"
             )
             .buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,

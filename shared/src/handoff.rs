@@ -11,7 +11,9 @@
 //!   exactly as it would arrive over TCP, plus one descriptor.
 //! - worker → balancer: the ids of handed-over connections that have closed since the last
 //!   note (8 bytes each, little-endian), so the balancer's gauge of open WebSockets and its
-//!   per-address connection counts stay true.
+//!   per-address connection counts stay true. Id [`UNTRACKED`] (0) is never reported: the
+//!   balancer keeps no count of such a connection (a long-polling request without a
+//!   connection limit).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -26,6 +28,9 @@ pub const FD_ENV: &str = "FLEET_HANDOFF_FD";
 /// `max_header_bytes`, at most 1 MiB by pingora's parser) stays well under this.
 pub const MAX_MESSAGE: usize = 128 * 1024;
 
+/// The id of a connection the balancer does not track: its close is not reported.
+pub const UNTRACKED: u64 = 0;
+
 /// Ids per close note: one datagram of 32 KiB.
 const IDS_PER_NOTE: usize = 4096;
 
@@ -34,8 +39,15 @@ const IDS_PER_NOTE: usize = 4096;
 /// this returns.
 ///
 /// # Errors
-/// The worker is gone (`ECONNREFUSED`), or the head is too large to send.
+/// The worker is gone (`ECONNREFUSED`), or the head is larger than [`MAX_MESSAGE`] allows.
 pub async fn send_conn(sock: &UnixDatagram, id: u64, head: &[u8], fd: RawFd) -> io::Result<()> {
+    if 8 + head.len() > MAX_MESSAGE {
+        // The worker reads at most this much of a datagram.
+        return Err(io::Error::other(format!(
+            "a head of {} bytes is over the channel's {MAX_MESSAGE}",
+            head.len()
+        )));
+    }
     let mut message = Vec::with_capacity(8 + head.len());
     message.extend_from_slice(&id.to_le_bytes());
     message.extend_from_slice(head);

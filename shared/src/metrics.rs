@@ -116,7 +116,7 @@ pub const BALANCER_WORKER_RESTARTS_TOTAL: &str = "fleet_balancer_worker_restarts
 /// Counter by `worker`: new sessions placed while no worker passed its probe, on a worker that
 /// still answered (panic mode).
 pub const BALANCER_PANIC_PLACEMENTS_TOTAL: &str = "fleet_balancer_panic_placements_total";
-/// Histogram: time from request to response end (WebSockets excluded).
+/// Histogram: time from request to response end (WebSockets and handed-off polls excluded).
 pub const BALANCER_REQUEST_DURATION: &str = "fleet_balancer_request_duration_seconds";
 
 /// Counter by `endpoint`, `code`: server API requests answered (`api.listen`).

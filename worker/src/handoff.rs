@@ -49,7 +49,9 @@ impl HandoffChannel {
                 None => tracing::warn!("a handed-over connection arrived without its socket"),
             }
             // The balancer counted this connection: report it closed, as it is.
-            self.closed.note(id);
+            if id != handoff::UNTRACKED {
+                self.closed.note(id);
+            }
         }
     }
 }
@@ -103,7 +105,10 @@ pub struct CloseReport(Arc<ClosedNotes>, u64);
 
 impl Drop for CloseReport {
     fn drop(&mut self) {
-        self.0.note(self.1);
+        // The balancer keeps no count of an untracked connection.
+        if self.1 != handoff::UNTRACKED {
+            self.0.note(self.1);
+        }
     }
 }
 

@@ -8,10 +8,13 @@
 //! the client address is judged once, for `balancer.limits.connections_per_ip`. The head and
 //! whatever followed it go to pingora as its first bytes (pipelined requests included), except
 //! the bytes after an upgrade request's head, which belong to the WebSocket and are kept for
-//! the worker in [`ConnInfo`]. Later requests on a kept-alive connection are read by pingora
+//! the worker in [`ConnInfo`]; the bytes after a plain first request's head, when they are
+//! its body and nothing more, are kept there too (a copy), for a long-polling request the proxy
+//! hands to a worker. Later requests on a kept-alive connection are read by pingora
 //! (their reads bounded by the keepalive). HTTP/1 only: Engine.IO clients do not speak h2c.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +49,13 @@ pub struct ConnInfo {
     pub slot: Mutex<ConnSlot>,
     /// Bytes that followed an upgrade request's head (the WebSocket's first frames).
     pub after_upgrade: Mutex<Option<Bytes>>,
+    /// When the connection's first request is a plain one and everything read after its head
+    /// is that request's body (none of a second request): those bytes (maybe none), for a
+    /// request the proxy hands to a worker with its head. Taken by the first request.
+    pub first_body: Mutex<Option<Bytes>>,
+    /// The first read brought more than the first request (or a chunked body, which is not
+    /// judged): the client pipelines, so its answers keep the connection open for the rest.
+    pub pipelined: AtomicBool,
 }
 
 /// What the listener needs to know.
@@ -56,6 +66,9 @@ pub struct FrontConfig {
     pub max_header_bytes: usize,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted: Vec<IpNetwork>,
+    /// Keep a first request's body bytes in [`ConnInfo`] (long-polling requests are handed
+    /// to the workers).
+    pub keep_first_body: bool,
     /// Per-address limits, when any is on.
     pub limits: Option<Arc<AddressLimits>>,
     /// Refusals, logged once per class (shared with the proxy).
@@ -198,6 +211,9 @@ fn raw_response(status: u16, body: &str, retry_after: Option<u64>) -> String {
 struct FirstHead {
     upgrade: bool,
     has_body: bool,
+    /// The body's length: `Content-Length`, 0 without one; `None` for a chunked body or an
+    /// unreadable length.
+    body_len: Option<usize>,
     forwarded_for: Option<String>,
 }
 
@@ -220,10 +236,20 @@ fn first_head(head: &[u8]) -> Option<FirstHead> {
     let has_body = header("transfer-encoding").is_some()
         || header("content-length")
             .is_some_and(|v| std::str::from_utf8(v).map_or(true, |v| v.trim() != "0"));
+    let body_len = if header("transfer-encoding").is_some() {
+        None
+    } else {
+        header("content-length").map_or(Some(0), |v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        })
+    };
     let forwarded_for = header("x-forwarded-for").map(|v| String::from_utf8_lossy(v).into_owned());
     Some(FirstHead {
         upgrade,
         has_body,
+        body_len,
         forwarded_for,
     })
 }
@@ -269,6 +295,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     }
                     if head.upgrade && buf.len() > len {
                         *info.after_upgrade.lock().unwrap() = Some(buf.split_off(len).freeze());
+                    } else if !head.upgrade && self.cfg.keep_first_body {
+                        if head.body_len.is_some_and(|body| buf.len() - len <= body) {
+                            // pingora gets them too, should the request stay with it.
+                            let body = Bytes::copy_from_slice(&buf[len..]);
+                            *info.first_body.lock().unwrap() = Some(body);
+                        } else {
+                            info.pipelined.store(true, Ordering::Relaxed);
+                        }
                     }
                 }
                 if let Some(limits) = &self.cfg.limits
@@ -343,14 +377,20 @@ mod tests {
         )
         .unwrap();
         assert!(head.upgrade && !head.has_body);
+        assert_eq!(head.body_len, Some(0));
         assert_eq!(head.forwarded_for.as_deref(), Some("10.0.0.9"));
         let chunked = first_head(
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\nTransfer-Encoding: chunked\r\n\r\n",
         )
         .unwrap();
         assert!(chunked.upgrade && chunked.has_body);
+        assert_eq!(chunked.body_len, None);
         let zero = first_head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
         assert!(!zero.upgrade && !zero.has_body);
+        let post = first_head(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
+        assert_eq!(post.body_len, Some(12));
+        let bad = first_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").unwrap();
+        assert_eq!(bad.body_len, None);
     }
 
     #[test]

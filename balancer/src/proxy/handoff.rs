@@ -5,6 +5,11 @@
 //! memory independent of how many messages its WebSockets carry, as with Node's
 //! `@socket.io/sticky` primary.
 //!
+//! Long-polling requests that name a session take the same way, one request per connection
+//! (see `FleetProxy::hand_off_poll`): the worker answers it `Connection: close`. They are not
+//! WebSockets, so the gauge does not count them; they are tracked only while they hold a slot
+//! in their address's connection count, and otherwise sent with id 0, which asks for no report.
+//!
 //! One channel per worker process: the supervisor opens it when it starts the worker and
 //! closes it when the worker exits, since every connection the worker held died with it.
 
@@ -91,10 +96,10 @@ pub struct Channel {
 }
 
 /// Connections passed and not yet reported closed, by id, each with its slot in its client
-/// address's count. Once the worker is gone they are settled, and late reports (a pass that
+/// address's count and whether it is a WebSocket (counted by the gauge). Once the worker is gone they are settled, and late reports (a pass that
 /// failed as the worker died) must not move the gauge.
 struct Count {
-    open: HashMap<u64, ConnSlot>,
+    open: HashMap<u64, (ConnSlot, bool)>,
     dead: bool,
 }
 
@@ -104,7 +109,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 impl Channel {
     /// Passes the client connection of `session`, with `head` (the request as the worker is to
     /// read it), to the worker, with the connection's `slot` in its address's count, held until
-    /// the worker reports it closed. On success the session no longer holds the connection and
+    /// the worker reports it closed. A `websocket` is counted by the gauge of open WebSockets
+    /// until then; anything else (a long-polling request) is tracked only while its slot holds
+    /// a place, and otherwise sent as id 0, which the worker never reports. On success the session no longer holds the connection and
     /// the caller answers nothing; on failure nothing was passed and the session is as it was
     /// (the slot is handed back).
     ///
@@ -116,6 +123,7 @@ impl Channel {
         head: &[u8],
         limit: Duration,
         slot: ConnSlot,
+        websocket: bool,
     ) -> Result<(), (io::Error, ConnSlot)> {
         let fd = session
             .downstream_session
@@ -126,9 +134,14 @@ impl Channel {
             Ok(fd) => fd,
             Err(e) => return Err((e, slot)),
         };
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        // Counted before sending: the worker may report it closed before `send` returns.
-        self.add(id, slot);
+        let (id, untracked) = if websocket || slot.is_held() {
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            // Counted before sending: the worker may report it closed before `send` returns.
+            self.add(id, slot, websocket);
+            (id, ConnSlot::default())
+        } else {
+            (handoff::UNTRACKED, slot)
+        };
         let sent = tokio::time::timeout(limit, handoff::send_conn(&self.sock, id, head, fd))
             .await
             .unwrap_or_else(|_| {
@@ -143,31 +156,35 @@ impl Channel {
                 drop(raw_http::take_client(session));
                 Ok(())
             }
+            Err(e) if id == handoff::UNTRACKED => Err((e, untracked)),
             Err(e) => Err((e, self.remove(id).unwrap_or_default())),
         }
     }
 
-    fn add(&self, id: u64, slot: ConnSlot) {
+    fn add(&self, id: u64, slot: ConnSlot, websocket: bool) {
         let mut count = self.count.lock().unwrap();
         if !count.dead {
-            count.open.insert(id, slot);
-            self.gauge.inc();
+            count.open.insert(id, (slot, websocket));
+            if websocket {
+                self.gauge.inc();
+            }
         }
     }
 
     fn remove(&self, id: u64) -> Option<ConnSlot> {
         let mut count = self.count.lock().unwrap();
-        let slot = count.open.remove(&id);
-        if slot.is_some() {
+        let (slot, websocket) = count.open.remove(&id)?;
+        if websocket {
             self.gauge.dec();
         }
-        slot
+        Some(slot)
     }
 
     /// The worker is gone: whatever it still held is closed.
     fn settle(&self) {
         let mut count = self.count.lock().unwrap();
-        self.gauge.sub(count.open.len() as i64);
+        let websockets = count.open.values().filter(|(_, ws)| *ws).count();
+        self.gauge.sub(websockets as i64);
         count.open.clear();
         count.dead = true;
     }

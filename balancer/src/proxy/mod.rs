@@ -55,6 +55,9 @@ pub struct Ctx {
     body: Vec<u8>,
     /// The request became a WebSocket (counted by the websockets gauge, not the histogram).
     websocket: bool,
+    /// The long-polling request was handed to its worker (its answer is the worker's; not in
+    /// the histogram, whose durations run to the answer's end).
+    handed: bool,
     /// The routed worker failed because it is gone: answered "Session ID unknown".
     session_gone: bool,
     /// The client's address as routing judged it (`balancer.trusted_proxies` applied).
@@ -84,6 +87,10 @@ pub struct FleetProxy {
     /// Workers report no session count (`health_check: engineio`): the balancer's count of
     /// what it placed is their load, so it counts the sessions it sees end too.
     counts_ends: bool,
+    /// Long-polling requests of existing sessions are handed to the workers (`hand_off_poll`):
+    /// `workers.handoff` and `workers.handoff_polling` on, TLS off, and the balancer need not
+    /// read their bodies.
+    polls_leave: bool,
 }
 
 impl FleetProxy {
@@ -121,6 +128,7 @@ impl FleetProxy {
             limits,
             tls: cfg.balancer.tls.enabled(),
             counts_ends: cfg.balancer.health_check == HealthCheck::Engineio,
+            polls_leave: polls_leave(cfg),
         }
     }
 
@@ -288,6 +296,52 @@ impl FleetProxy {
         true
     }
 
+    /// Passes a long-polling request of an existing session, with its client's connection, to
+    /// the session's worker, as a WebSocket is (`shared::handoff`): the worker answers it and
+    /// closes the connection, and the client's next request comes back through here on a new
+    /// one. Only the first request of a connection, and only when the listener read nothing
+    /// past its body (`first_body`): later requests' bytes may sit in pingora's buffer. True
+    /// when passed; otherwise the request is proxied as before (the worker has no channel, is
+    /// gone, or did not take it in time: the proxy then finds out which).
+    async fn hand_off_poll(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        body: Bytes,
+    ) -> Result<bool> {
+        let Some(route) = &ctx.route else {
+            return Ok(false);
+        };
+        let label = route.worker.label();
+        let Some(channel) = self.handoffs.get(label) else {
+            return Ok(false);
+        };
+        let mut req = session.req_header().clone();
+        self.add_forwarded(session, &mut req, ctx)?;
+        // One request per connection: later ones must be routed again.
+        req.insert_header(http::header::CONNECTION, "close")?;
+        let mut head = raw_http::serialize(&req);
+        head.extend_from_slice(&body);
+        let slot = ctx.take_slot();
+        match channel
+            .pass(session, &head, CONNECT_TIMEOUT, slot, false)
+            .await
+        {
+            Ok(()) => {
+                ctx.handed = true;
+                Ok(true)
+            }
+            Err((e, slot)) => {
+                ctx.put_slot(slot);
+                self.rejections.note(
+                    "handoff_failed",
+                    &format_args!("worker={label}: {e}; proxying the polling request instead"),
+                );
+                Ok(false)
+            }
+        }
+    }
+
     /// A WebSocket upgrade, never through pingora's proxy loop. A new session whose worker
     /// fails before answering is placed again, as in `fail_to_connect`; an existing one whose
     /// worker is gone is told its session is, as in `fail_to_proxy`.
@@ -330,7 +384,10 @@ impl FleetProxy {
             // What the client sent after its request is read by the worker right after it.
             head.extend_from_slice(&early);
             let slot = ctx.take_slot();
-            match channel.pass(session, &head, CONNECT_TIMEOUT, slot).await {
+            match channel
+                .pass(session, &head, CONNECT_TIMEOUT, slot, true)
+                .await
+            {
                 Ok(()) => {
                     METRICS.handoff(HandoffOutcome::Passed);
                     ctx.websocket = true;
@@ -392,6 +449,15 @@ impl FleetProxy {
     }
 }
 
+/// Whether long-polling requests of existing sessions are handed to the workers.
+pub fn polls_leave(cfg: &FleetConfig) -> bool {
+    cfg.spawns_workers()
+        && cfg.workers.handoff
+        && cfg.workers.handoff_polling
+        && !cfg.balancer.tls.enabled()
+        && cfg.balancer.health_check != HealthCheck::Engineio
+}
+
 /// Whether a request announces a body.
 fn has_body(req: &RequestHeader) -> bool {
     req.headers.contains_key("transfer-encoding")
@@ -427,6 +493,21 @@ impl Ctx {
             .as_ref()
             .and_then(|c| c.after_upgrade.lock().unwrap().clone())
             .unwrap_or_default()
+    }
+
+    /// What the listener kept of the connection's first request's body (see
+    /// `front::ConnInfo::first_body`); `None` from the second request on.
+    fn take_first_body(&self) -> Option<Bytes> {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.first_body.lock().unwrap().take())
+    }
+
+    /// Whether the client pipelined requests on this connection (`front::ConnInfo`).
+    fn pipelined(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.pipelined.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn take_slot(&self) -> ConnSlot {
@@ -493,6 +574,7 @@ impl ProxyHttp for FleetProxy {
             tag_answer: None,
             body: Vec::new(),
             websocket: false,
+            handed: false,
             session_gone: false,
             client: None,
             conn: None,
@@ -519,6 +601,8 @@ impl ProxyHttp for FleetProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Whatever this request is, the next one on the connection is not the first.
+        let first_body = ctx.take_first_body();
         let request = self.request(session);
         ctx.client = request.client;
         if request.upgrade && has_body(session.req_header()) {
@@ -555,9 +639,15 @@ impl ProxyHttp for FleetProxy {
         }
         ctx.tag_answer = route.tag_answer();
         let carry = route.carry;
+        let poll = self.polls_leave
+            && route.transport == routing::Transport::Polling
+            && matches!(route.session, routing::Session::Existing { .. });
         ctx.route = Some(route);
         match carry {
-            Carry::Proxy => Ok(false),
+            Carry::Proxy => match first_body {
+                Some(body) if poll => self.hand_off_poll(session, ctx, body).await,
+                _ => Ok(false),
+            },
             Carry::HandOff | Carry::Relay => self.upgrade(session, ctx).await,
         }
     }
@@ -651,11 +741,20 @@ impl ProxyHttp for FleetProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(route) = &ctx.route {
+            if self.polls_leave
+                && route.transport == routing::Transport::Polling
+                && !ctx.pipelined()
+            {
+                // The session's next request should come on a new connection, the first of
+                // which the balancer can hand to the worker. (A pipelining client's next
+                // requests are already here: they are answered on this one.)
+                session.set_keepalive(None);
+            }
             let ok = resp.status.as_u16() == 200;
             // A close the worker took ends its session; a handshake it refused made none.
             if (ctx.closes_session && ok) || (ctx.tag_answer.is_some() && !ok) {
@@ -755,8 +854,9 @@ impl ProxyHttp for FleetProxy {
             .requests
             .with_label_values(&[label, route.transport.as_str()])
             .inc();
-        // A WebSocket counts itself in the websockets gauge while it lasts.
-        if !ctx.websocket {
+        // A WebSocket counts itself in the websockets gauge while it lasts; a polling request
+        // handed to its worker ends there, unseen.
+        if !ctx.websocket && !ctx.handed {
             METRICS
                 .duration
                 .observe(ctx.started.elapsed().as_secs_f64());

@@ -32,6 +32,12 @@ pub struct WorkersConfig {
     /// its bytes. Default true. Only for spawned workers: attached, listed and discovered ones
     /// are always relayed.
     pub handoff: bool,
+    /// With `handoff`, also pass each long-polling request of an existing session to its
+    /// worker (one request per connection: the worker answers `Connection: close`), instead of
+    /// proxying it. Default false: it costs the balancer less CPU per request but, measured,
+    /// gives fewer requests per second and higher latency (docs/BENCHMARKS.md, section 3).
+    /// Ignored under `balancer.tls` and with `balancer.health_check: engineio`.
+    pub handoff_polling: bool,
     /// The command the balancer runs per worker, before `--config FILE --index I`.
     /// Default: the `worker` binary next to the balancer's own executable.
     pub command: Option<Vec<String>>,
@@ -53,6 +59,7 @@ impl Default for WorkersConfig {
             drain_window_secs: 10,
             spawn: true,
             handoff: true,
+            handoff_polling: false,
             command: None,
             upstreams: Vec::new(),
             discover: None,

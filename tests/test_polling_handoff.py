@@ -1,0 +1,249 @@
+"""Long-polling requests handed to the workers: with `workers.handoff` and
+`workers.handoff_polling` on (and TLS off), the first request of a connection that names a session leaves the balancer as a file descriptor,
+the worker answers it `Connection: close`, and the client's next request comes back through
+the balancer on a new connection. Raw sockets check the framing (a POST body in the head's
+packet or after it), python-socketio clients the delivery, stickiness and worker death."""
+
+import collections
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+import requests
+
+from fleet_harness import Balancer, Client, metric, wait_until
+from test_balancer import _worker_pid, balancer_sockets, websockets_active
+
+POLL = "/socket.io/?EIO=4&transport=polling"
+LIMITS = "balancer:\n  limits:\n    connections_per_ip: {conns}\n    handshakes_per_ip_per_sec: 0\n"
+
+
+def start(closer, tmp_path, redis, handoff_polling=True, extra="", **kw):
+    extra = ("  handoff_polling: true\n" if handoff_polling else "") + extra
+    b = closer.add(Balancer(tmp_path, redis.url, extra=extra, **kw))
+    b.wait_ready()
+    return b
+
+
+def connect(port, timeout=10):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def answer(s):
+    """One response read off `s` (Content-Length or chunked): (status line, headers, body, closed),
+    `closed` telling whether the peer closed the connection right after it."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a full head: {buf!r}"
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while not body.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed partway through the body: {body!r}"
+            body += chunk
+        body, raw = b"", body
+        while True:
+            size, _, raw = raw.partition(b"\r\n")
+            if int(size, 16) == 0:
+                break
+            body, raw = body + raw[:int(size, 16)], raw[int(size, 16) + 2:]
+        length = len(body)
+    else:
+        length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"closed partway through the body: {body!r}"
+        body += chunk
+    try:
+        s.settimeout(5)
+        closed = s.recv(1) == b""
+    except (socket.timeout, ConnectionResetError):
+        closed = False
+    return lines[0], headers, body[:length].decode(), closed
+
+
+def request(port, method, target, body=b"", split=None, pause=0.3):
+    """One request on a fresh connection. `split`: how many body bytes go in the head's packet
+    (all of them when None); the rest follows `pause` seconds later."""
+    s = connect(port)
+    head = (f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain;charset=UTF-8\r\n"
+            + (f"Content-Length: {len(body)}\r\n" if method == "POST" else "") + "\r\n").encode()
+    cut = len(body) if split is None else split
+    s.sendall(head + body[:cut])
+    if cut < len(body):
+        time.sleep(pause)
+        s.sendall(body[cut:])
+    try:
+        return answer(s)
+    finally:
+        s.close()
+
+
+def handshake(port):
+    status, headers, body, closed = request(port, "GET", POLL)
+    assert status == "HTTP/1.1 200 OK", (status, body)
+    return json.loads(body[1:])["sid"], headers, closed
+
+
+def open_session(port):
+    """A handshake and the Socket.IO connect; returns the (tagged) sid."""
+    sid, _, _ = handshake(port)
+    status, _, body, _ = request(port, "POST", f"{POLL}&sid={sid}", b"40")
+    assert (status, body) == ("HTTP/1.1 200 OK", "ok")
+    poll_for(port, sid, "40{")
+    return sid
+
+
+def poll_for(port, sid, prefix):
+    """Polls (a few times: a ping may come first) until a packet starting with `prefix`."""
+    seen = []
+    for _ in range(5):
+        status, _, body, closed = request(port, "GET", f"{POLL}&sid={sid}")
+        assert status == "HTTP/1.1 200 OK" and closed, (status, body)
+        seen += packets(body)
+        found = [p for p in seen if p.startswith(prefix)]
+        if found:
+            return found
+    raise AssertionError(f"no {prefix!r} in {seen}")
+
+
+def hold_poll(port, sid):
+    """A poll the worker holds (nothing to send yet): its socket. One answered at once (a ping
+    was waiting) is ponged and tried again."""
+    for _ in range(5):
+        c = connect(port, timeout=0.5)
+        c.sendall(f"GET {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            c.recv(65536)
+        except socket.timeout:
+            return c
+        c.close()
+        assert request(port, "POST", f"{POLL}&sid={sid}", b"3")[2] == "ok"
+    raise AssertionError("every poll was answered at once")
+
+
+def packets(payload):
+    """The Engine.IO packets of a polling payload (a ping may come first)."""
+    return payload.split("\x1e")
+
+
+def test_polling_requests_with_a_sid_leave_the_balancer(closer, tmp_path, redis):
+    """The handshake is proxied (its sid gets the worker's tag) and answered `Connection:
+    close`; every later request is answered by the worker, on a connection the balancer no
+    longer holds, and closed after its answer. None counts as a WebSocket; each counts as a
+    request."""
+    b = start(closer, tmp_path, redis, count=2)
+    sid, headers, closed = handshake(b.port)
+    assert "." in sid and headers.get("connection", "").lower() == "close" and closed, headers
+    status, headers, body, closed = request(b.port, "POST", f"{POLL}&sid={sid}", b"40")
+    assert (status, body) == ("HTTP/1.1 200 OK", "ok")
+    assert headers.get("connection", "").lower() == "close" and closed, headers
+    poll_for(b.port, sid, "40{")
+
+    # Pending polls, each held by its worker: the balancer holds none of their sockets.
+    sids = [open_session(b.port) for _ in range(20)]
+    before = balancer_sockets(b)
+    held = [hold_poll(b.port, s) for s in sids]
+    assert balancer_sockets(b) - before < 10, balancer_sockets(b) - before  # proxied: 40 or more
+    m = b.metrics()
+    assert websockets_active(b) == 0
+    assert metric(m, "fleet_balancer_requests_total", transport="polling") >= 3 + 20 * 3 + 20
+    assert metric(m, "fleet_balancer_websocket_handoffs_total", outcome="passed") == 0
+    for c in held:
+        c.close()
+
+
+@pytest.mark.parametrize("split", [None, 0, 7], ids=["same-packet", "later-packet", "split"])
+def test_a_post_body_arrives_whole_wherever_it_was_in_the_packets(closer, tmp_path, redis, split):
+    """A handed-off POST whose body came with its head (read by the balancer, passed on with
+    the head), after it (left in the socket for the worker), or partly each: the worker reads
+    all of it, once."""
+    b = start(closer, tmp_path, redis, count=2)
+    sid = open_session(b.port)
+    text = "x" * 3000 + "é"
+    packet = ('421' + json.dumps(["echo", text])).encode()
+    status, _, body, closed = request(b.port, "POST", f"{POLL}&sid={sid}", packet, split=split)
+    assert (status, body, closed) == ("HTTP/1.1 200 OK", "ok", True)
+    acks = poll_for(b.port, sid, "431")
+    assert len(acks) == 1 and json.loads(acks[0][len("431"):]) == [text], acks[0][:80]
+
+
+def test_polling_clients_exactly_once_and_sticky(closer, tmp_path, redis):
+    """60 polling-only clients over three workers, in one room: every publish reaches every
+    client once, in order, and every request of a session reaches its worker."""
+    b = start(closer, tmp_path, redis)
+    clients = [closer.add(Client(b.url, ["polling"])).connect() for _ in range(60)]
+    where = {c: c.call("whoami")["worker"] for c in clients}
+    assert set(where.values()) == {"w0", "w1", "w2"}
+    for c in clients:
+        assert c.call("join", "all")["ok"]
+    for i in range(20):
+        assert clients[i * 3].call("publish", {"room": "all", "data": i})["ok"]
+    for c in clients:
+        wait_until(lambda c=c: len(c.data_received()) >= 20, 15, what="20 deliveries")
+    time.sleep(0.5)
+    for c in clients:
+        assert c.data_received() == list(range(20)), c.data_received()
+        assert c.call("whoami")["worker"] == where[c]
+    m = b.metrics()
+    assert sum(v for k, v in m.items() if k.startswith("fleet_balancer_sticky_rejects_total")) == 0
+    assert websockets_active(b) == 0
+    assert collections.Counter(where.values()).most_common(1)[0][1] <= 35
+
+
+def test_a_request_after_its_worker_died_is_told_its_session_is_unknown(closer, tmp_path, redis):
+    """Killed between two polling requests: the next one is answered 400 "Session ID unknown"
+    (whether the handoff fails, the probes already caught up, or the restarted worker answers),
+    and the polling client reconnects."""
+    b = start(closer, tmp_path, redis, count=2)
+    client = closer.add(Client(b.url, ["polling"], reconnection=True)).connect()
+    worker, sid = client.call("whoami")["worker"], client.sio.eio.sid
+    os.kill(_worker_pid(b, worker), signal.SIGKILL)
+    time.sleep(0.05)
+    status, _, body, _ = request(b.port, "GET", f"{POLL}&sid={sid}")
+    assert status.startswith("HTTP/1.1 400 "), (status, body)
+    assert json.loads(body) == {"code": 1, "message": "Session ID unknown"}
+    wait_until(lambda: client.connects >= 2 and client.call("whoami", timeout=2)["worker"], 10, interval=0.2,
+               what="the client works again")
+
+
+def test_connections_per_ip_count_handed_off_polls_until_they_close(closer, tmp_path, redis):
+    """Three polls held by the workers fill 127.0.0.1's three connections: a fourth is refused
+    429 until one of them closes, which the worker reports back."""
+    b = start(closer, tmp_path, redis, count=2, extra=LIMITS.format(conns=3))
+    sids = [open_session(b.port) for _ in range(3)]
+    held = [hold_poll(b.port, s) for s in sids]
+
+    # Probed with handshakes: a poll of a held session would end the held one (two at once).
+    def status():
+        return request(b.port, "GET", POLL)[0]
+    wait_until(lambda: status().startswith("HTTP/1.1 429 "), 5, interval=0.2, what="a fourth connection refused")
+    assert status().startswith("HTTP/1.1 429 ")
+    held.pop().close()
+    wait_until(lambda: status() == "HTTP/1.1 200 OK", 10, interval=0.2, what="a slot freed by the closed poll")
+    assert websockets_active(b) == 0
+    for c in held:
+        c.close()
+
+
+@pytest.mark.parametrize("extra", ["", "  handoff: false\n  handoff_polling: true\n"],
+                         ids=["default", "handoff-off"])
+def test_without_it_polling_is_proxied_on_kept_alive_connections(closer, tmp_path, redis, extra):
+    """By default (`handoff_polling: false`), or with `workers.handoff: false`, the balancer
+    proxies every polling request and keeps the client's connection open between them."""
+    b = start(closer, tmp_path, redis, count=1, handoff_polling=False, extra=extra)
+    http = requests.Session()
+    r = http.get(b.url + POLL, timeout=5)
+    assert r.headers.get("connection", "").lower() == "keep-alive", r.headers
+    sid = json.loads(r.text[1:])["sid"]
+    r = http.post(f"{b.url}{POLL}&sid={sid}", data="40", timeout=5)
+    assert r.text == "ok" and r.headers.get("connection", "").lower() == "keep-alive", r.headers
