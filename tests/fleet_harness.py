@@ -136,6 +136,11 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def process_state(pid):
+    """The state letter of /proc/PID/stat (R, S, T for stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 class Proc:
     """A spawned fleet binary with its output in a log file."""
 
@@ -152,6 +157,13 @@ class Proc:
 
     def signal(self, sig):
         self.proc.send_signal(sig)
+
+    def pause(self):
+        """SIGSTOP, returning once the kernel reports the process stopped (the signal is
+        delivered asynchronously)."""
+        import signal as _signal
+        self.proc.send_signal(_signal.SIGSTOP)
+        wait_until(lambda: process_state(self.proc.pid) == "T", 5, interval=0.01, what=f"{self.name} stopped")
 
     def wait_exit(self, timeout):
         return self.proc.wait(timeout)

@@ -170,7 +170,7 @@ def test_standalone_workers_serve_the_fleet_wide_api_without_a_balancer(closer, 
     wait_until(lambda: victim.disconnects, 5, what="disconnected from another worker")
     # A worker that hangs (still subscribed, answering nothing): the answer comes within the
     # wait, says it is partial, and counts what the others hold.
-    workers[2].signal(signal.SIGSTOP)
+    workers[2].pause()
     try:
         t0 = time.monotonic()
         room = call("GET", workers[0].url + "/api/rooms/ops").json()

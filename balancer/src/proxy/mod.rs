@@ -652,6 +652,34 @@ impl ProxyHttp for FleetProxy {
         }
     }
 
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let req = session.req_header();
+        // A request whose head or body could not be written to a kept-alive connection never
+        // reached the worker whole, so it was not processed: sending it again on a fresh
+        // connection is safe, POSTs included. A worker restarted on the same port (kill -9,
+        // then the supervisor) then answers "Session ID unknown" itself, rather than the client
+        // getting a 502 for the dead one's pooled connection.
+        let unsent = client_reused
+            && matches!(e.etype(), ErrorType::WriteError)
+            && !session.as_ref().retry_buffer_truncated();
+        if unsent {
+            e.set_retry(true);
+        } else if !req.method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
