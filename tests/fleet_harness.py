@@ -11,6 +11,7 @@ import queue
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -283,6 +284,46 @@ def metric(metrics, name, **labels):
     if not found:
         raise KeyError(f"{name} {labels} not in metrics")
     return total
+
+
+class FrameReader:
+    """Server WebSocket frames (unmasked) from a raw socket, after the bytes `rest` already read."""
+
+    def __init__(self, s, rest=b""):
+        self.s = s
+        self.buf = rest
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def next(self):
+        self._need(2)
+        first, second = self.buf[0], self.buf[1]
+        length, at = second & 0x7F, 2
+        if length == 126:
+            self._need(4)
+            length, at = struct.unpack("!H", self.buf[2:4])[0], 4
+        elif length == 127:
+            self._need(10)
+            length, at = struct.unpack("!Q", self.buf[2:10])[0], 10
+        self._need(at + length)
+        payload = self.buf[at:at + length]
+        self.buf = self.buf[at + length:]
+        return first & 0x0F, payload
+
+    def close_code(self):
+        """Reads until a close frame: its code (None when the connection ends without one)."""
+        try:
+            while True:
+                opcode, payload = self.next()
+                if opcode == 0x8:
+                    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+        except (EOFError, OSError):
+            return None
 
 
 def make_ca(tmp_path, name):

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 
 import pytest
 import requests
 
-from fleet_harness import Balancer, Client, metric, wait_until
+from fleet_harness import Balancer, Client, FrameReader, metric, wait_until
 
 WS_KEY = base64.b64encode(b"0123456789abcdef").decode()
 
@@ -60,34 +59,6 @@ def ws_frame(text):
     mask = os.urandom(4)
     assert len(data) < 126
     return bytes([0x81, 0x80 | len(data)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-
-
-class FrameReader:
-    """Server frames (unmasked) after a 101 on a raw socket."""
-
-    def __init__(self, s, buf=b""):
-        self.s, self.buf = s, buf
-
-    def _need(self, n):
-        while len(self.buf) < n:
-            chunk = self.s.recv(65536)
-            if not chunk:
-                raise EOFError("closed")
-            self.buf += chunk
-
-    def frame(self):
-        self._need(2)
-        b0, b1 = self.buf[0], self.buf[1]
-        n, off = b1 & 0x7F, 2
-        if n == 126:
-            self._need(4)
-            n, off = struct.unpack(">H", self.buf[2:4])[0], 4
-        elif n == 127:
-            self._need(10)
-            n, off = struct.unpack(">Q", self.buf[2:10])[0], 10
-        self._need(off + n)
-        payload, self.buf = self.buf[off:off + n], self.buf[off + n:]
-        return b0 & 0x0F, payload
 
 
 def upgrade(s, early=b""):
@@ -216,11 +187,11 @@ def test_bytes_sent_right_after_an_upgrade_request_reach_the_worker(closer, tmp_
     s = connect(b.port)
     status, _, frames = upgrade(s, early=ws_frame("40"))
     assert status == b"HTTP/1.1 101 Switching Protocols", status
-    op, payload = frames.frame()
+    op, payload = frames.next()
     assert op == 1 and payload.startswith(b"0{"), payload
-    op, payload = frames.frame()
+    op, payload = frames.next()
     if payload == b"2":  # Engine.IO's first ping may come before the connect's answer
-        op, payload = frames.frame()
+        op, payload = frames.next()
     assert op == 1 and payload.startswith(b"40{"), payload
     assert "sid" in json.loads(payload[2:])
 
@@ -322,7 +293,7 @@ def test_one_address_is_held_to_its_connections_including_websockets(closer, tmp
         s = connect(b.port)
         status, _, frames = upgrade(s)
         assert status == b"HTTP/1.1 101 Switching Protocols"
-        assert frames.frame()[1].startswith(b"0{")
+        assert frames.next()[1].startswith(b"0{")
         sockets.append(s)
     s = connect(b.port)
     status, head, _ = upgrade(s)

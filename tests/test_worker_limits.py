@@ -10,7 +10,7 @@ import threading
 import time
 
 
-from fleet_harness import Balancer, Client, Worker, free_port, metric, wait_until
+from fleet_harness import Balancer, Client, FrameReader, Worker, free_port, metric, wait_until
 
 MAX_PAYLOAD = 100_000
 KEY = base64.b64encode(os.urandom(16)).decode()
@@ -89,46 +89,6 @@ def client_frame(opcode, payload, fin=True, announce=None):
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return header + mask + masked
-
-
-class FrameReader:
-    """Server frames (unmasked) from a socket."""
-
-    def __init__(self, s, rest=b""):
-        self.s = s
-        self.buf = rest
-
-    def _need(self, n):
-        while len(self.buf) < n:
-            chunk = self.s.recv(65536)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-
-    def next(self):
-        self._need(2)
-        first, second = self.buf[0], self.buf[1]
-        length, at = second & 0x7F, 2
-        if length == 126:
-            self._need(4)
-            length, at = struct.unpack("!H", self.buf[2:4])[0], 4
-        elif length == 127:
-            self._need(10)
-            length, at = struct.unpack("!Q", self.buf[2:10])[0], 10
-        self._need(at + length)
-        payload = self.buf[at:at + length]
-        self.buf = self.buf[at + length:]
-        return first & 0x0F, payload
-
-    def close_code(self):
-        """Reads until a close frame: its code (None when the connection ends without one)."""
-        try:
-            while True:
-                opcode, payload = self.next()
-                if opcode == 0x8:
-                    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-        except (EOFError, OSError):
-            return None
 
 
 def engine_ws(port):

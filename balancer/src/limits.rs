@@ -83,10 +83,7 @@ impl AddressLimits {
         }
         let now = Instant::now();
         let mut table = self.lock();
-        self.make_room(&mut table, now);
-        let entry = table
-            .entry(ip)
-            .or_insert_with(|| Entry::new(self.burst, now));
+        let entry = self.entry(&mut table, ip, now);
         if entry.open >= self.connections {
             return Err(Limited {
                 retry_after_secs: 1,
@@ -103,10 +100,7 @@ impl AddressLimits {
         }
         let now = Instant::now();
         let mut table = self.lock();
-        self.make_room(&mut table, now);
-        let entry = table
-            .entry(ip)
-            .or_insert_with(|| Entry::new(self.burst, now));
+        let entry = self.entry(&mut table, ip, now);
         entry.refill(self.rate, self.burst, now);
         if entry.tokens >= 1.0 {
             entry.tokens -= 1.0;
@@ -132,6 +126,19 @@ impl AddressLimits {
                 table.remove(&ip);
             }
         }
+    }
+
+    /// `ip`'s entry, made (room first) if it has none.
+    fn entry<'t>(
+        &self,
+        table: &'t mut HashMap<IpAddr, Entry>,
+        ip: IpAddr,
+        now: Instant,
+    ) -> &'t mut Entry {
+        self.make_room(table, now);
+        table
+            .entry(ip)
+            .or_insert_with(|| Entry::new(self.burst, now))
     }
 
     /// Keeps the table under [`MAX_ADDRESSES`] before an insert: idle entries go first, then
