@@ -11,7 +11,9 @@ minute is the warm-up (and the no-fault baseline); then at T0 + 60 s * k fault k
   kill9    `kill -9` of a worker, restarted at once (as a process manager would)
   sigterm  SIGTERM of a worker (drain), restarted once it has exited
   redis    redis-server stopped (SIGTERM) for 10 s, then started on the same port
-  balancer the balancer stopped with SIGTERM (a planned restart), a new one started on its port
+  balancer a planned restart: a new balancer started on the same port (`reuse_port`) and, once
+           it sees every worker, the old one stopped with SIGTERM; with `--balancer-restart
+           in-place`, the old one stopped first and the new one started once it has exited
   sigstop  a worker paused with SIGSTOP for 5 s, then SIGCONT
 
 kill9 and sigterm rotate over every worker but the last, sigstop over all of them: the last
@@ -29,7 +31,8 @@ publishes with the publisher's worker and send/ack times, first receipts):
     deliveries sent during the outage (stop until 5 s after the start: expected), and
     cross-worker deliveries sent after it (target 0);
   - recovery: for each client that dropped in the fault's window, the time from the fault to
-    its next join; p50/p99/max over them, and how many never came back at all;
+    its next join; p50/p99/max over them, and how many never came back at all; and its gap,
+    from its own drop to its next join (p50/p99);
   - errors: loadtest's errors by kind, counted in the window they happened in;
   - RSS of every process every 5 s; start = the sample just before the first fault (after the
     warm-up), end = the last sample while publishing.
@@ -69,17 +72,24 @@ class Daemon:
     again; each start is a new instance with its own pid and log."""
 
     def __init__(self, role, args, port):
+        """`args`: the command line, or a function of the instance number giving it."""
         self.role, self.args, self.port = role, args, port
         self.proc = None
         self.instances = []  # {"pid", "started", "ended", "how"}
         self.start()
 
-    def start(self):
+    def spawn(self):
+        """A new instance, without waiting for its port (a successor may share it)."""
         n = len(self.instances)
         out = open(LOGS / f"{self.role}-{n}.log", "w")
-        self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "NO_COLOR": "1"}, start_new_session=True)
-        self.instances.append({"pid": self.proc.pid, "started": time.time(), "ended": None, "how": None})
+        args = self.args(n) if callable(self.args) else self.args
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NO_COLOR": "1"}, start_new_session=True)
+        self.instances.append({"pid": proc.pid, "started": time.time(), "ended": None, "how": None})
+        return proc
+
+    def start(self):
+        self.proc = self.spawn()
         wait_port(self.port, 30)
 
     def _ended(self, how):
@@ -124,14 +134,22 @@ class Soak:
                              self.redis_url, "--id", f"w{i}", "--drain-window-secs", str(args.drain_secs)],
                    self.base + i)
             for i in range(args.workers)]
-        self.port, self.metrics_port = free_port(), free_port()
-        cfg = LOGS / "fleet.yaml"
-        cfg.write_text(
-            f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{self.metrics_port}\n"
-            f"redis:\n  url: {self.redis_url}\n"
-            f"workers:\n  count: {args.workers}\n  host: 127.0.0.1\n  base_port: {self.base}\n  spawn: false\n")
-        self.balancer = Daemon("balancer", [str(BIN / "balancer"), "--config", str(cfg)], self.port)
-        self.wait_balancer_sees_all()
+        # Two configurations the balancer's instances alternate between: the same public port
+        # (shared by a successor during a handover, `reuse_port`), each its own metrics port.
+        self.port, metrics = free_port(), free_ports(2)
+        self.metrics_ports = [metrics, metrics + 1]
+        cfgs = []
+        for i, mport in enumerate(self.metrics_ports):
+            cfg = LOGS / f"fleet-{i}.yaml"
+            cfg.write_text(
+                f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{mport}\n"
+                f"redis:\n  url: {self.redis_url}\n"
+                f"workers:\n  count: {args.workers}\n  host: 127.0.0.1\n  base_port: {self.base}\n  spawn: false\n"
+                f"balancer:\n  reuse_port: {'true' if args.balancer_restart == 'handover' else 'false'}\n")
+            cfgs.append(cfg)
+        self.balancer = Daemon("balancer", lambda n: [str(BIN / "balancer"), "--config", str(cfgs[n % 2])],
+                               self.port)
+        self.wait_balancer_sees_all(self.metrics_ports[0])
         self.rss = []  # (t, role, pid, bytes)
         self.faults = []
         self.live = ""
@@ -145,11 +163,11 @@ class Soak:
     def daemons(self):
         return [self.balancer, *self.workers, self.redis]
 
-    def wait_balancer_sees_all(self, timeout=60):
+    def wait_balancer_sees_all(self, metrics_port, timeout=60):
         import urllib.request
 
         def up():
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
             return sum(1 for line in text.splitlines()
                        if line.startswith("fleet_balancer_worker_up{") and line.endswith(" 1")) == self.args.workers
         wait_until(up, timeout, interval=0.2, what="balancer sees every worker up")
@@ -182,6 +200,27 @@ class Soak:
             rec["redis_start"] = time.time()
             self.redis.start()
             rec["restarted_after_s"] = round(time.time() - t, 2)
+        elif kind == "balancer" and self.args.balancer_restart == "handover":
+            # A planned restart as the README describes it: the new balancer starts on the same
+            # port (`reuse_port`) and sees every worker before the old one is told to go; the
+            # old one closes its listener and the WebSockets it relays, spread over the drain
+            # window.
+            b = self.balancer
+            old, old_instance = b.proc, b.instances[-1]
+            b.proc = b.spawn()
+            self.wait_balancer_sees_all(self.metrics_ports[(len(b.instances) - 1) % 2])
+            rec["successor_ready_after_s"] = round(time.time() - t, 2)
+            old.send_signal(signal.SIGTERM)
+            try:
+                old.wait(30)
+                how = "SIGTERM after its successor was ready"
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
+                how = "SIGTERM, then killed after 30 s"
+            old_instance.update(ended=time.time(), how=how)
+            rec["exit_after_s"] = round(time.time() - t, 2)
+            rec["restarted_after_s"] = rec["successor_ready_after_s"]
         elif kind == "balancer":
             self.balancer.signal(signal.SIGTERM)
             took = self.balancer.wait_exit(30)
@@ -261,7 +300,8 @@ class Soak:
                        "room_size": a.room_size, "publishers": rooms, "publish_rate": a.publish_rate,
                        "transport": "mixed (even clients websocket, odd polling then upgrade)",
                        "drain_window_secs": a.drain_secs, "redis_outage_secs": a.redis_outage,
-                       "pause_secs": a.pause, "fault_interval_secs": a.fault_interval, "loadtest_procs": a.procs, "loadtest": " ".join(cmd)}
+                       "pause_secs": a.pause, "balancer_restart": a.balancer_restart,
+                       "fault_interval_secs": a.fault_interval, "loadtest_procs": a.procs, "loadtest": " ".join(cmd)}
         log(f"parameters: {json.dumps({k: v for k, v in self.params.items() if k != 'loadtest'})}")
         log(f"logs in {LOGS}")
         lt_log = open(LOGS / "loadtest.log", "w")
@@ -423,7 +463,7 @@ def analyse(soak, files):
         row["errors"] = dict(errs[k])
         if f:
             at = int(f["at"] * 1e6)
-            rec, never = [], 0
+            rec, gaps, never = [], [], 0
             for c, ds in drops.items():
                 dropped = [t for t, _ in ds if at <= t < at + iv_us]
                 if not dropped:
@@ -431,11 +471,12 @@ def analyse(soak, files):
                 back = [t for t, _ in joins.get(c, []) if t > dropped[0]]
                 if back:
                     rec.append((back[0] - at) / 1e6)
+                    gaps.append((back[0] - dropped[0]) / 1e6)
                 else:
                     never += 1
             row.update(dropped=len(rec) + never, never_back=never, recovery_p50_s=pct(rec, 0.5),
                        recovery_p99_s=pct(rec, 0.99), recovery_max_s=max(rec) if rec else None,
-                       fault=f)
+                       gap_p50_s=pct(gaps, 0.5), gap_p99_s=pct(gaps, 0.99), fault=f)
         rows.append(row)
 
     # Rooms spanning workers at the start of publishing.
@@ -496,17 +537,19 @@ def table(res):
     lines.append(f"rooms by number of workers their members were on at T0: {res['room_worker_spans']}")
     lines.append("\nper fault window (lost/owed by category; recovery of clients that dropped):")
     lines.append(f"{'k':>3} {'fault':<9}{'target':<7}{'dropped':>8}{'never':>6}{'p50 s':>7}{'p99 s':>7}{'max s':>7}"
-                 "  lost/owed  |  errors")
+                 f"{'gap50':>7}{'gap99':>7}  lost/owed  |  errors")
     for r in res["windows"]:
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         errs = " ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "none"
         lines.append(f"{r['k']:>3} {r['kind']:<9}{r['target'] or '-':<7}{r.get('dropped', 0):>8}"
                      f"{r.get('never_back', 0):>6}{f(r.get('recovery_p50_s')):>7}{f(r.get('recovery_p99_s')):>7}"
-                     f"{f(r.get('recovery_max_s')):>7}  {fmt_lost(r)}  |  {errs}")
+                     f"{f(r.get('recovery_max_s')):>7}{f(r.get('gap_p50_s')):>7}{f(r.get('gap_p99_s')):>7}"
+                     f"  {fmt_lost(r)}  |  {errs}")
     lines.append("\nper fault kind (all windows of that kind):")
     for kind, agg in summary(res).items():
         lines.append(f"  {kind:<9} n={agg['n']}  dropped {agg['dropped']}  never back {agg['never_back']}  "
                      f"recovery p50 {agg['recovery_p50_s']} s p99 {agg['recovery_p99_s']} s  "
+                     f"gap p50 {agg['gap_p50_s']} s p99 {agg['gap_p99_s']} s  "
                      f"lost/owed {' '.join(f'{c}={v[0]}/{v[1]}' for c, v in sorted(agg['lost'].items()))}")
         lines.append(f"  {'':<9} errors {' '.join(f'{k}={v}' for k, v in sorted(agg['errors'].items())) or 'none'}")
     lines.append("\nRSS (MB): start = after warm-up, end = end of publishing")
@@ -528,7 +571,8 @@ def summary(res):
     out = {}
     for r in res["windows"]:
         a = out.setdefault(r["kind"], {"n": 0, "dropped": 0, "never_back": 0, "lost": {}, "errors": collections.Counter(),
-                                       "recovery_p50_s": None, "recovery_p99_s": None})
+                                       "recovery_p50_s": None, "recovery_p99_s": None,
+                                       "gap_p50_s": None, "gap_p99_s": None})
         a["n"] += 1
         a["dropped"] += r.get("dropped", 0)
         a["never_back"] += r.get("never_back", 0)
@@ -536,7 +580,7 @@ def summary(res):
             lo, ow = a["lost"].get(c, (0, 0))
             a["lost"][c] = (lo + r["lost"][c], ow + n)
         a["errors"].update(r["errors"])
-        for q in ("recovery_p50_s", "recovery_p99_s"):
+        for q in ("recovery_p50_s", "recovery_p99_s", "gap_p50_s", "gap_p99_s"):
             v = r.get(q)
             if v is not None and (a[q] is None or v > a[q]):
                 a[q] = round(v, 2)
@@ -558,6 +602,9 @@ def main():
     ap.add_argument("--redis-outage", type=float, default=10.0)
     ap.add_argument("--pause", type=float, default=5.0, help="SIGSTOP seconds")
     ap.add_argument("--fault-interval", type=float, default=60.0, help="seconds between faults")
+    ap.add_argument("--balancer-restart", choices=("handover", "in-place"), default="handover",
+                    help="handover: the new balancer starts on the port (reuse_port) before the old one "
+                         "is stopped; in-place: stopped, then started")
     ap.add_argument("--json", default=str(ROOT / "bench" / "soak-results.json"))
     args = ap.parse_args()
     if args.minutes < 2:
