@@ -1,7 +1,8 @@
 """Long-polling requests handed to the workers: with `workers.handoff` and
-`workers.handoff_polling` on (and TLS off), the first request of a connection that names a session leaves the balancer as a file descriptor,
-the worker answers it `Connection: close`, and the client's next request comes back through
-the balancer on a new connection. Raw sockets check the framing (a POST body in the head's
+`workers.handoff_polling` on (and TLS off), the first request of a connection that names a
+session leaves the balancer as a file descriptor, and the connection stays with the worker for
+the later requests of sessions it holds; any other request on it (another worker's session, a
+new session) sends the connection back to the balancer, which routes it. Raw sockets check the framing (a POST body in the head's
 packet or after it), python-socketio clients the delivery, stickiness and worker death."""
 
 import collections
@@ -34,9 +35,10 @@ def connect(port, timeout=10):
     return s
 
 
-def answer(s):
+def answer(s, wait_close=True):
     """One response read off `s` (Content-Length or chunked): (status line, headers, body, closed),
-    `closed` telling whether the peer closed the connection right after it."""
+    `closed` telling whether the peer closed the connection right after it (None unless
+    `wait_close`)."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = s.recv(65536)
@@ -63,18 +65,19 @@ def answer(s):
         chunk = s.recv(65536)
         assert chunk, f"closed partway through the body: {body!r}"
         body += chunk
-    try:
-        s.settimeout(5)
-        closed = s.recv(1) == b""
-    except (socket.timeout, ConnectionResetError):
-        closed = False
+    closed = None
+    if wait_close:
+        try:
+            s.settimeout(5)
+            closed = s.recv(1) == b""
+        except (socket.timeout, ConnectionResetError):
+            closed = False
     return lines[0], headers, body[:length].decode(), closed
 
 
-def request(port, method, target, body=b"", split=None, pause=0.3):
-    """One request on a fresh connection. `split`: how many body bytes go in the head's packet
-    (all of them when None); the rest follows `pause` seconds later."""
-    s = connect(port)
+def send(s, method, target, body=b"", split=None, pause=0.3):
+    """Writes one request on `s`. `split`: how many body bytes go in the head's packet (all of
+    them when None); the rest follows `pause` seconds later."""
     head = (f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain;charset=UTF-8\r\n"
             + (f"Content-Length: {len(body)}\r\n" if method == "POST" else "") + "\r\n").encode()
     cut = len(body) if split is None else split
@@ -82,14 +85,20 @@ def request(port, method, target, body=b"", split=None, pause=0.3):
     if cut < len(body):
         time.sleep(pause)
         s.sendall(body[cut:])
+
+
+def request(port, method, target, body=b"", split=None, pause=0.3, wait_close=False):
+    """One request on a fresh connection, closed after its answer."""
+    s = connect(port)
+    send(s, method, target, body, split, pause)
     try:
-        return answer(s)
+        return answer(s, wait_close)
     finally:
         s.close()
 
 
 def handshake(port):
-    status, headers, body, closed = request(port, "GET", POLL)
+    status, headers, body, closed = request(port, "GET", POLL, wait_close=True)
     assert status == "HTTP/1.1 200 OK", (status, body)
     return json.loads(body[1:])["sid"], headers, closed
 
@@ -107,8 +116,8 @@ def poll_for(port, sid, prefix):
     """Polls (a few times: a ping may come first) until a packet starting with `prefix`."""
     seen = []
     for _ in range(5):
-        status, _, body, closed = request(port, "GET", f"{POLL}&sid={sid}")
-        assert status == "HTTP/1.1 200 OK" and closed, (status, body)
+        status, _, body, _ = request(port, "GET", f"{POLL}&sid={sid}")
+        assert status == "HTTP/1.1 200 OK", (status, body)
         seen += packets(body)
         found = [p for p in seen if p.startswith(prefix)]
         if found:
@@ -138,16 +147,58 @@ def packets(payload):
 
 def test_polling_requests_with_a_sid_leave_the_balancer(closer, tmp_path, redis):
     """The handshake is proxied (its sid gets the worker's tag) and answered `Connection:
-    close`; every later request is answered by the worker, on a connection the balancer no
-    longer holds, and closed after its answer. None counts as a WebSocket; each counts as a
-    request."""
+    close`; the next request, on a new connection, takes that connection to the worker, which
+    answers the session's later requests on it without the balancer. A request of another
+    worker's session, or a new session, on that connection sends it back to the balancer: each
+    is answered as through the balancer, in order, on the same connection. None counts as a
+    WebSocket."""
     b = start(closer, tmp_path, redis, count=2)
     sid, headers, closed = handshake(b.port)
     assert "." in sid and headers.get("connection", "").lower() == "close" and closed, headers
-    status, headers, body, closed = request(b.port, "POST", f"{POLL}&sid={sid}", b"40")
+    kept = connect(b.port)
+    send(kept, "POST", f"{POLL}&sid={sid}", b"40")
+    status, headers, body, _ = answer(kept, wait_close=False)
     assert (status, body) == ("HTTP/1.1 200 OK", "ok")
-    assert headers.get("connection", "").lower() == "close" and closed, headers
-    poll_for(b.port, sid, "40{")
+    assert headers.get("connection", "").lower() != "close", headers
+
+    def polls():
+        return metric(b.metrics(), "fleet_balancer_requests_total", transport="polling")
+
+    # The session's next requests on the kept connection never reach the balancer.
+    before = polls()
+    seen = []
+    for _ in range(5):
+        send(kept, "GET", f"{POLL}&sid={sid}")
+        status, _, body, _ = answer(kept, wait_close=False)
+        assert status == "HTTP/1.1 200 OK", (status, body)
+        seen += packets(body)
+        if any(p.startswith("40{") for p in seen):
+            break
+    assert any(p.startswith("40{") for p in seen), seen
+    assert polls() == before, "answered by the worker alone"
+
+    # A session of the other worker on the same connection: given back, routed, answered.
+    other = sid
+    for _ in range(40):
+        other = open_session(b.port)
+        if other.split(".")[0] != sid.split(".")[0]:
+            break
+    assert other.split(".")[0] != sid.split(".")[0], "no session landed on the other worker"
+    send(kept, "POST", f"{POLL}&sid={other}", b'421["echo","there"]')
+    status, _, body, _ = answer(kept, wait_close=False)
+    assert (status, body) == ("HTTP/1.1 200 OK", "ok"), body
+    assert any(json.loads(p[3:]) == ["there"] for p in poll_for(b.port, other, "431"))
+    # ... and the first session's requests on it again, now from the other worker's keeping.
+    send(kept, "POST", f"{POLL}&sid={sid}", b'422["echo","back"]')
+    status, _, body, _ = answer(kept, wait_close=False)
+    assert (status, body) == ("HTTP/1.1 200 OK", "ok"), body
+    assert any(json.loads(p[3:]) == ["back"] for p in poll_for(b.port, sid, "432"))
+
+    # A new session on it: given back and placed by the balancer (its sid tagged).
+    send(kept, "GET", POLL)
+    status, headers, body, _ = answer(kept, wait_close=False)
+    assert status == "HTTP/1.1 200 OK" and "." in json.loads(body[1:])["sid"], (status, body)
+    kept.close()
 
     # Pending polls, each held by its worker: the balancer holds none of their sockets.
     sids = [open_session(b.port) for _ in range(20)]
@@ -171,8 +222,8 @@ def test_a_post_body_arrives_whole_wherever_it_was_in_the_packets(closer, tmp_pa
     sid = open_session(b.port)
     text = "x" * 3000 + "é"
     packet = ('421' + json.dumps(["echo", text])).encode()
-    status, _, body, closed = request(b.port, "POST", f"{POLL}&sid={sid}", packet, split=split)
-    assert (status, body, closed) == ("HTTP/1.1 200 OK", "ok", True)
+    status, _, body, _ = request(b.port, "POST", f"{POLL}&sid={sid}", packet, split=split)
+    assert (status, body) == ("HTTP/1.1 200 OK", "ok")
     acks = poll_for(b.port, sid, "431")
     assert len(acks) == 1 and json.loads(acks[0][len("431"):]) == [text], acks[0][:80]
 

@@ -97,7 +97,8 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
         handoff,
     );
     // Filled by the supervisor as it starts workers; stays empty when nothing is handed off.
-    let handoffs = Arc::new(proxy::handoff::Handoffs::default());
+    let (handoffs, returned) = proxy::handoff::Handoffs::new();
+    let handoffs = Arc::new(handoffs);
 
     let rejections = proxy::rejections::shared();
     let limits = limits::AddressLimits::new(&cfg.balancer.limits);
@@ -109,34 +110,40 @@ pub fn serve(cfg: &FleetConfig, config_path: PathBuf) -> Result<Server, tls::Cer
             exit_when_idle: !cfg.spawns_workers(),
         },
     ));
-    let mut proxy = Service::new(
-        "proxy".to_owned(),
-        proxy::front::Front::new(
-            pingora_proxy::http_proxy(
-                &server.configuration,
-                proxy::FleetProxy::new(
-                    Arc::clone(&workers),
-                    Arc::clone(&handoffs),
-                    tunnels_closing,
-                    cfg,
-                    Arc::clone(&rejections),
-                    limits.clone(),
-                ),
+    let front = Arc::new(proxy::front::Front::new(
+        pingora_proxy::http_proxy(
+            &server.configuration,
+            proxy::FleetProxy::new(
+                Arc::clone(&workers),
+                Arc::clone(&handoffs),
+                tunnels_closing,
+                cfg,
+                Arc::clone(&rejections),
+                limits.clone(),
             ),
-            proxy::front::FrontConfig {
-                header_timeout: Duration::from_secs(cfg.balancer.header_timeout_secs),
-                max_header_bytes: cfg.balancer.max_header_bytes,
-                trusted: cfg.balancer.trusted_proxies.clone(),
-                keep_first_body: proxy::polls_leave(cfg),
-                limits,
-                rejections,
-                tls: tls.map(|(acceptor, watcher)| {
-                    server.add_service(background_service("tls certificate", watcher));
-                    acceptor
-                }),
-            },
         ),
-    );
+        proxy::front::FrontConfig {
+            header_timeout: Duration::from_secs(cfg.balancer.header_timeout_secs),
+            max_header_bytes: cfg.balancer.max_header_bytes,
+            trusted: cfg.balancer.trusted_proxies.clone(),
+            keep_first_body: proxy::polls_leave(cfg),
+            limits,
+            rejections,
+            tls: tls.map(|(acceptor, watcher)| {
+                server.add_service(background_service("tls certificate", watcher));
+                acceptor
+            }),
+        },
+    ));
+    // Long-polling connections the workers give back are routed as if just accepted.
+    server.add_service(background_service(
+        "returned connections",
+        proxy::front::Returns {
+            front: Arc::clone(&front),
+            returned: std::sync::Mutex::new(Some(returned)),
+        },
+    ));
+    let mut proxy = Service::new("proxy".to_owned(), proxy::front::Shared(front));
     let mut socket = TcpSocketOptions::default();
     socket.so_reuseport = Some(cfg.balancer.reuse_port);
     // No L4 read buffer (pingora's default is 64 KiB per connection): request heads have their

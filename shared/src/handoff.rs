@@ -14,6 +14,12 @@
 //!   per-address connection counts stay true. Id [`UNTRACKED`] (0) is never reported: the
 //!   balancer keeps no count of such a connection (a long-polling request without a
 //!   connection limit).
+//! - worker → balancer: a connection given back ([`RETURNED`] in place of an id, then the
+//!   bytes the worker read of it and did not serve, plus its descriptor). A long-polling
+//!   connection stays with the worker it was handed to for its session's later requests
+//!   (the first request's head carries [`KEEP_HEADER`]); a request the worker must not serve
+//!   itself (another worker's session, a new session, an upgrade) sends the connection back
+//!   to the balancer, which routes it as if it had just been accepted.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -30,6 +36,15 @@ pub const MAX_MESSAGE: usize = 128 * 1024;
 
 /// The id of a connection the balancer does not track: its close is not reported.
 pub const UNTRACKED: u64 = 0;
+
+/// Marks a connection the worker gives back, where a note of closed ids would start: no
+/// connection is ever given this id.
+pub const RETURNED: u64 = u64::MAX;
+
+/// In the head of a long-polling request the balancer hands over: the connection stays with
+/// the worker for the later requests of sessions it holds. The value is the worker's sticky
+/// tag, which those requests' sids carry (`<tag>.<sid>`).
+pub const KEEP_HEADER: &str = "x-fleet-keep";
 
 /// Ids per close note: one datagram of 32 KiB.
 const IDS_PER_NOTE: usize = 4096;
@@ -114,6 +129,56 @@ pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Receiv
     }
 }
 
+/// Gives a connection back to the balancer: `unread`, the bytes read from it and not served
+/// (a request head, maybe some of its body), and its descriptor, which the caller then closes.
+///
+/// # Errors
+/// The balancer is gone, or `unread` is too large for one message.
+pub async fn send_back(sock: &UnixDatagram, unread: &[u8], fd: RawFd) -> io::Result<()> {
+    send_conn(sock, RETURNED, unread, fd).await
+}
+
+/// What a worker sends.
+#[derive(Debug)]
+pub enum FromWorker {
+    /// Handed-over connections that have closed, by id.
+    Closed(Vec<u64>),
+    /// A connection given back: the bytes to read before its socket, and the socket (`None`
+    /// if this process had no descriptor left for it; the kernel then closed it).
+    Returned {
+        /// What the worker read of the connection and did not serve.
+        unread: Vec<u8>,
+        /// The socket.
+        fd: Option<OwnedFd>,
+    },
+}
+
+/// Receives a worker's next message.
+///
+/// # Errors
+/// The channel failed.
+pub async fn recv_from_worker(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<FromWorker> {
+    loop {
+        let got = recv_conn(sock, buf).await?;
+        if got.id == RETURNED {
+            return Ok(FromWorker::Returned {
+                unread: got.head,
+                fd: got.fd,
+            });
+        }
+        if !got.head.len().is_multiple_of(8) {
+            continue;
+        }
+        let mut ids = vec![got.id];
+        ids.extend(
+            got.head
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        );
+        return Ok(FromWorker::Closed(ids));
+    }
+}
+
 /// Tells the balancer that the handed-over connections `closed` have ended.
 ///
 /// # Errors
@@ -131,14 +196,10 @@ pub async fn send_closed(sock: &UnixDatagram, closed: &[u64]) -> io::Result<()> 
 /// # Errors
 /// The channel failed.
 pub async fn recv_closed(sock: &UnixDatagram) -> io::Result<Vec<u64>> {
-    let mut buf = vec![0u8; 8 * IDS_PER_NOTE];
+    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let n = sock.recv(&mut buf).await?;
-        if n > 0 && n % 8 == 0 {
-            return Ok(buf[..n]
-                .chunks_exact(8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect());
+        if let FromWorker::Closed(ids) = recv_from_worker(sock, &mut buf).await? {
+            return Ok(ids);
         }
     }
 }
@@ -218,6 +279,34 @@ mod tests {
             got.extend(recv_closed(&balancer).await.unwrap());
         }
         assert_eq!(got, many);
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_arrives_with_its_unread_bytes() {
+        let (balancer, worker) = pair().unwrap();
+        let worker = worker_end(worker).unwrap();
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_closed(&worker, &[3]).await.unwrap();
+        send_back(&worker, b"GET /x HTTP/1.1\r\n\r\n", server.as_raw_fd())
+            .await
+            .unwrap();
+        drop(server);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        assert!(matches!(
+            recv_from_worker(&balancer, &mut buf).await.unwrap(),
+            FromWorker::Closed(ids) if ids == [3]
+        ));
+        let FromWorker::Returned { unread, fd } =
+            recv_from_worker(&balancer, &mut buf).await.unwrap()
+        else {
+            panic!("expected a returned connection");
+        };
+        assert_eq!(unread, b"GET /x HTTP/1.1\r\n\r\n");
+        let mut passed = std::os::unix::net::UnixStream::from(fd.unwrap());
+        passed.write_all(b"ok").unwrap();
+        let mut two = [0u8; 2];
+        client.read_exact(&mut two).unwrap();
+        assert_eq!(&two, b"ok");
     }
 
     #[tokio::test]

@@ -165,6 +165,21 @@ impl<T> Tracked<T> {
     }
 }
 
+impl<T> Tracked<T> {
+    /// A connection the balancer handed over to stay (`kept`): its head is read separately,
+    /// and `closed` reports the connection's end to the balancer.
+    pub fn kept(mut self, closed: CloseReport) -> Self {
+        self._closed = Some(closed);
+        self
+    }
+}
+
+impl<T: AsRawFd> AsRawFd for Tracked<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.io.as_raw_fd()
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

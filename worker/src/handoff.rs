@@ -43,6 +43,7 @@ impl HandoffChannel {
                         stream,
                         head: received.head,
                         closed: CloseReport(Arc::clone(&self.closed), received.id),
+                        back: Arc::clone(&self.sock),
                     });
                 }
                 Some(Err(e)) => tracing::warn!("a handed-over connection is unusable: {e}"),
@@ -98,6 +99,8 @@ pub struct HandedOff {
     pub head: Vec<u8>,
     /// Tells the balancer when the connection is gone.
     pub closed: CloseReport,
+    /// The channel, to give a kept connection back on (`kept`).
+    pub back: Arc<UnixDatagram>,
 }
 
 /// Reports its connection closed to the balancer when dropped.

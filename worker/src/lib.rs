@@ -36,6 +36,7 @@ mod fleet;
 mod handoff;
 mod health;
 mod http;
+mod kept;
 mod limits;
 mod memory;
 mod metrics;

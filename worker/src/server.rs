@@ -51,7 +51,10 @@ pub async fn serve(
                 }
             },
             handed = next_handed(&mut handoff) => match handed {
-                Ok(conn) => serve_one(&ctx, conn.stream, Some((conn.head, conn.closed)), permit),
+                Ok(conn) => match crate::kept::keep_tag(&conn.head) {
+                    Some(tag) => serve_kept(&ctx, conn, tag, permit),
+                    None => serve_one(&ctx, conn.stream, Some((conn.head, conn.closed)), permit),
+                },
                 Err(e) => {
                     tracing::error!("the balancer's handoff channel failed ({e}); serving the port only");
                     handoff = None;
@@ -67,6 +70,21 @@ async fn next_handed(handoff: &mut Option<HandoffChannel>) -> std::io::Result<Ha
         Some(channel) => channel.accept().await,
         None => std::future::pending().await,
     }
+}
+
+/// Serves a long-polling connection the balancer handed over to stay (see `kept`).
+fn serve_kept(ctx: &Arc<HttpCtx>, conn: HandedOff, tag: String, permit: OwnedSemaphorePermit) {
+    let peer = conn.stream.peer_addr().ok().map(crate::auth::PeerAddr);
+    let (conn_id, io) = ctx.registry.wrap(conn.stream, Some(permit));
+    let kept = crate::kept::Kept {
+        ctx: Arc::clone(ctx),
+        conn: conn_id,
+        io: io.kept(conn.closed),
+        peer,
+        tag,
+        back: conn.back,
+    };
+    tokio::spawn(kept.serve(conn.head));
 }
 
 /// Serves one connection in a task of its own, wrapped so a drain can cut it; a handed-over

@@ -104,25 +104,37 @@ enum Head {
 }
 
 impl<A> Front<A> {
-    /// The head must be complete `header_timeout` after `started` (the connection's accept).
-    async fn read_first_head(&self, stream: &mut Stream, started: tokio::time::Instant) -> Head {
+    /// The head must be complete `header_timeout` after `started` (the connection's accept);
+    /// `buf` holds what was read of it before (by a worker that gave the connection back).
+    async fn read_first_head(
+        &self,
+        stream: &mut Stream,
+        started: tokio::time::Instant,
+        mut buf: BytesMut,
+    ) -> Head {
         let deadline = started + self.cfg.header_timeout;
-        let mut buf = BytesMut::with_capacity(1024);
+        buf.reserve(1024);
+        // What a worker gave back is judged before anything more is read.
+        let mut given = !buf.is_empty();
         loop {
-            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
-            match read {
-                Err(_) => {
-                    self.reject(stream, Class::HeaderTimeout, "the head took too long")
-                        .await;
-                    return Head::Done;
-                }
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    if !buf.is_empty() {
-                        self.count(Class::IncompleteHead, "closed partway through its head");
+            if given {
+                given = false;
+            } else {
+                let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+                match read {
+                    Err(_) => {
+                        self.reject(stream, Class::HeaderTimeout, "the head took too long")
+                            .await;
+                        return Head::Done;
                     }
-                    return Head::Done;
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        if !buf.is_empty() {
+                            self.count(Class::IncompleteHead, "closed partway through its head");
+                        }
+                        return Head::Done;
+                    }
+                    Ok(Ok(_)) => {}
                 }
-                Ok(Ok(_)) => {}
             }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
@@ -254,35 +266,105 @@ fn first_head(head: &[u8]) -> Option<FirstHead> {
     })
 }
 
+/// The listener's app: the front shared with [`Returns`].
+pub struct Shared<A>(pub Arc<Front<A>>);
+
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Shared<A> {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        self.0.serve(stream, BytesMut::new(), shutdown).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.0.proxy.http_cleanup().await;
+    }
+}
+
+/// Connections the workers give back (`handoff::Returned`), served as if just accepted.
+pub struct Returns<A> {
+    /// The listener's front.
+    pub front: Arc<Front<A>>,
+    /// Where they arrive.
+    pub returned: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::handoff::Returned>>>,
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> pingora_core::services::background::BackgroundService
+    for Returns<A>
+{
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut returned) = self.returned.lock().unwrap().take() else {
+            return;
+        };
+        loop {
+            let conn = tokio::select! {
+                conn = returned.recv() => conn,
+                _ = shutdown.changed() => None,
+            };
+            let Some(conn) = conn else { return };
+            let front = Arc::clone(&self.front);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = adopt(conn.stream) else {
+                    return;
+                };
+                front
+                    .serve(stream, BytesMut::from(&conn.unread[..]), &shutdown)
+                    .await;
+            });
+        }
+    }
+}
+
+/// A socket from a worker, as pingora's listener would have accepted it.
+fn adopt(stream: std::net::TcpStream) -> std::io::Result<Stream> {
+    use pingora_core::protocols::GetSocketDigest;
+    use std::os::fd::AsRawFd;
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::TcpStream::from_std(stream)?;
+    let _ = stream.set_nodelay(true);
+    let mut stream = L4Stream::from(stream);
+    let digest = pingora_core::protocols::SocketDigest::from_raw_fd(stream.as_raw_fd());
+    stream.set_socket_digest(digest);
+    Ok(Box::new(stream))
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> Front<A> {
+    /// Serves a connection: `prefix` is what was read of it already (by a worker that gave it
+    /// back), read again before the socket.
+    pub async fn serve(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        prefix: BytesMut,
+        shutdown: &ShutdownWatch,
+    ) {
         let started = tokio::time::Instant::now();
         if let Some(acceptor) = &self.cfg.tls {
             // The listener is plain TCP: its streams are pingora's L4 streams.
             let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
-                return None;
+                return;
             };
             match tokio::time::timeout(self.cfg.header_timeout, acceptor.tls_handshake(*tcp)).await
             {
                 Ok(Ok(tls)) => stream = Box::new(tls),
                 Ok(Err(e)) => {
                     self.count(Class::TlsHandshake, &format!("handshake failed: {e}"));
-                    return None;
+                    return;
                 }
                 Err(_) => {
                     self.count(Class::TlsHandshake, "handshake timed out");
-                    return None;
+                    return;
                 }
             }
         }
         let info = Arc::new(ConnInfo::default());
-        let prefix = match self.read_first_head(&mut stream, started).await {
-            Head::Done => return None,
+        let prefix = match self.read_first_head(&mut stream, started, prefix).await {
+            Head::Done => return,
             Head::Unparsed(buf) => buf,
             Head::Complete { mut buf, len } => {
                 let head = first_head(&buf[..len]);
@@ -291,7 +373,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                         let body = "an upgrade request carries no body\n";
                         self.reject_with(&mut stream, Class::BadRequest, body, body, None)
                             .await;
-                        return None;
+                        return;
                     }
                     if head.upgrade && buf.len() > len {
                         *info.after_upgrade.lock().unwrap() = Some(buf.split_off(len).freeze());
@@ -321,7 +403,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                                 Some(limited.retry_after_secs),
                             )
                             .await;
-                            return None;
+                            return;
                         }
                     }
                 }
@@ -350,11 +432,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             session.set_connection_user_context(context());
             result = self.proxy.process_new_http(session, shutdown).await;
         }
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.proxy.http_cleanup().await;
     }
 }
 

@@ -10,6 +10,11 @@
 //! WebSockets, so the gauge does not count them; they are tracked only while they hold a slot
 //! in their address's connection count, and otherwise sent with id 0, which asks for no report.
 //!
+//! A long-polling connection stays with its worker for the session's later requests
+//! (`shared::handoff::KEEP_HEADER`) until the worker gives it back: a given-back connection
+//! arrives here with the bytes the worker read of it, and goes to the listener (`front`) to be
+//! routed as if just accepted.
+//!
 //! One channel per worker process: the supervisor opens it when it starts the worker and
 //! closes it when the worker exits, since every connection the worker held died with it.
 
@@ -22,8 +27,9 @@ use std::time::Duration;
 
 use pingora_prometheus::prometheus::IntGauge;
 use pingora_proxy::Session;
-use shared::handoff;
+use shared::handoff::{self, FromWorker};
 use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::raw_http;
@@ -32,12 +38,31 @@ use crate::metrics::METRICS;
 
 /// Every live channel, by worker label (`w0`, `w1`, …: what the supervisor names a worker and
 /// the proxy's routing reports), with the task reading its close reports.
-#[derive(Default)]
 pub struct Handoffs {
     channels: RwLock<HashMap<String, (Arc<Channel>, AbortHandle)>>,
+    returns: mpsc::UnboundedSender<Returned>,
+}
+
+/// A connection a worker gave back: its socket, and the bytes the worker read of it and did
+/// not serve, to be read first.
+pub struct Returned {
+    /// The client's socket.
+    pub stream: std::net::TcpStream,
+    /// Read before the socket.
+    pub unread: Vec<u8>,
 }
 
 impl Handoffs {
+    /// No channels yet; connections workers give back come out of the receiver.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Returned>) {
+        let (returns, rx) = mpsc::unbounded_channel();
+        let handoffs = Handoffs {
+            channels: RwLock::default(),
+            returns,
+        };
+        (handoffs, rx)
+    }
+
     /// A fresh channel to worker `label` (replacing any earlier one). Returns the worker's
     /// end, for the child process to inherit, and the channel, to `close` it by.
     ///
@@ -53,7 +78,8 @@ impl Handoffs {
             }),
             gauge: METRICS.websockets.with_label_values(&[label]),
         });
-        let reader = tokio::spawn(count_closed(Arc::clone(&channel))).abort_handle();
+        let reader =
+            tokio::spawn(read_notes(Arc::clone(&channel), self.returns.clone())).abort_handle();
         let old = self
             .channels
             .write()
@@ -190,10 +216,26 @@ impl Channel {
     }
 }
 
-async fn count_closed(channel: Arc<Channel>) {
-    while let Ok(closed) = handoff::recv_closed(&channel.sock).await {
-        for id in closed {
-            channel.remove(id);
+/// The worker's side of the channel: closed connections, and connections given back.
+async fn read_notes(channel: Arc<Channel>, returns: mpsc::UnboundedSender<Returned>) {
+    let mut buf = vec![0u8; handoff::MAX_MESSAGE];
+    while let Ok(note) = handoff::recv_from_worker(&channel.sock, &mut buf).await {
+        match note {
+            FromWorker::Closed(ids) => {
+                for id in ids {
+                    channel.remove(id);
+                }
+            }
+            FromWorker::Returned {
+                unread,
+                fd: Some(fd),
+            } => {
+                let stream = std::net::TcpStream::from(fd);
+                let _ = returns.send(Returned { stream, unread });
+            }
+            FromWorker::Returned { fd: None, .. } => {
+                tracing::warn!("a connection given back arrived without its socket");
+            }
         }
     }
 }

@@ -36,6 +36,7 @@ use crate::sticky::{Tag, open_packet};
 use crate::workers::{Worker, Workers};
 use handoff::Handoffs;
 use rejections::RejectLog;
+use shared::handoff as handoff_proto;
 
 /// How long to wait for a worker to accept a TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -318,8 +319,10 @@ impl FleetProxy {
         };
         let mut req = session.req_header().clone();
         self.add_forwarded(session, &mut req, ctx)?;
-        // One request per connection: later ones must be routed again.
-        req.insert_header(http::header::CONNECTION, "close")?;
+        // The connection stays with the worker for the later requests of its sessions (the
+        // worker gives back any other).
+        req.remove_header(handoff_proto::KEEP_HEADER);
+        req.insert_header(handoff_proto::KEEP_HEADER, route.worker.tag().as_str())?;
         let mut head = raw_http::serialize(&req);
         head.extend_from_slice(&body);
         let slot = ctx.take_slot();
