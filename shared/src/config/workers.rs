@@ -32,11 +32,11 @@ pub struct WorkersConfig {
     /// its bytes. Default true. Only for spawned workers: attached, listed and discovered ones
     /// are always relayed.
     pub handoff: bool,
-    /// With `handoff`, also pass each long-polling request of an existing session to its
-    /// worker (one request per connection: the worker answers `Connection: close`), instead of
-    /// proxying it. Default false: it costs the balancer less CPU per request but, measured,
-    /// gives fewer requests per second and higher latency (docs/BENCHMARKS.md, section 3).
-    /// Ignored under `balancer.tls` and with `balancer.health_check: engineio`.
+    /// With `handoff`, also pass long-polling connections to their worker: the first request
+    /// of a connection that names a session leaves with the connection, which stays with the
+    /// worker for its sessions' later requests; the worker gives back a connection that
+    /// carries any other request, to be routed by the balancer (docs/BENCHMARKS.md,
+    /// section 3). Ignored under `balancer.tls` and with `balancer.health_check: engineio`.
     pub handoff_polling: bool,
     /// The command the balancer runs per worker, before `--config FILE --index I`.
     /// Default: the `worker` binary next to the balancer's own executable.
