@@ -128,7 +128,7 @@ class Fleet:
     extra balancers, which spawn nothing, always relay."""
 
     def __init__(self, redis, workers, extra_balancers=0, ping_interval_ms=25000, handoff=True, extra_yaml="",
-                 command=None, placement=None, redis_yaml="", bin_dir=None, handoff_polling=False):
+                 command=None, placement=None, redis_yaml="", bin_dir=None, handoff_polling=None):
         self.port, self.base = free_port(), free_ports(workers)
         self.workers = workers
         self.procs = []
@@ -140,7 +140,7 @@ class Fleet:
                 f"redis:\n  url: {redis.url}\n" + redis_yaml +
                 f"workers:\n  count: {workers}\n  base_port: {self.base}\n  spawn: {'true' if i == 0 else 'false'}\n"
                 f"  handoff: {'true' if handoff else 'false'}\n"
-                + ("  handoff_polling: true\n" if handoff_polling else "")
+                + ("" if handoff_polling is None else f"  handoff_polling: {'true' if handoff_polling else 'false'}\n")
                 + (f"  command: [{command}]\n" if command else "") +
                 f"socketio:\n  ping_interval_ms: {ping_interval_ms}\n"
                 f"balancer:\n  reuse_port: {'true' if extra_balancers else 'false'}\n"
@@ -670,13 +670,13 @@ def polling_scenario(load, duration):
 
 
 def polling(args, results):
-    """Long-polling through the balancer (every request proxied; and with
-    `workers.handoff_polling: true`, the sessions' requests handed to the workers, a connection
-    each) vs straight to the workers, and Node's setup, in alternating rounds; with
-    --polling-old-bin, another build's balancer in the same rounds; medians reported."""
+    """Long-polling through the balancer (by default the connections handed to the workers and
+    kept there; and with `workers.handoff_polling: false`, every request proxied) vs straight
+    to the workers, and Node's setup, in alternating rounds; with --polling-old-bin, another
+    build's balancer in the same rounds; medians reported."""
     print("== long-polling", file=sys.stderr)
     out = {}
-    modes = (("through_balancer", "through_balancer_handoff", "direct", "node")
+    modes = (("through_balancer", "through_balancer_proxied", "direct", "node")
              + (("through_balancer_old",) if args.polling_old_bin else ()))
     for load in (args.polling_rate, "flood"):
         runs = {mode: [] for mode in modes}
@@ -686,7 +686,7 @@ def polling(args, results):
                 old = Path(args.polling_old_bin) if mode == "through_balancer_old" else None
                 setup = (NodeSetup(redis, args.workers) if mode == "node"
                          else Fleet(redis, args.workers, bin_dir=old,
-                                    handoff_polling=mode == "through_balancer_handoff"))
+                                    handoff_polling=False if mode == "through_balancer_proxied" else None))
                 url = setup.worker_urls if mode == "direct" else setup.url
                 try:
                     runs[mode].append(measured_run(lambda: setup.pids() + redis.pids(), url,
@@ -802,7 +802,7 @@ def table(results):
                      f"{n['p50_ms']}/{n['p99_ms']} node ms; balancer CPU {t['balancer_share_pct']}% of the rest's; "
                      f"failures (errors, missing, duplicate) {t['failures_all_runs']} / {d['failures_all_runs']} / "
                      f"{n['failures_all_runs']}")
-        for mode, what in (("through_balancer_handoff", "workers.handoff_polling: true"),
+        for mode, what in (("through_balancer_proxied", "workers.handoff_polling: false"),
                            ("through_balancer_old", "the balancer built in --polling-old-bin")):
             if mode not in p:
                 continue

@@ -23,6 +23,7 @@ LIMITS = "balancer:\n  limits:\n    connections_per_ip: {conns}\n    handshakes_
 
 
 def start(closer, tmp_path, redis, handoff_polling=True, extra="", **kw):
+    """A fleet with polling connections handed off (the default), or as `extra` says."""
     extra = ("  handoff_polling: true\n" if handoff_polling else "") + extra
     b = closer.add(Balancer(tmp_path, redis.url, extra=extra, **kw))
     b.wait_ready()
@@ -286,10 +287,10 @@ def test_connections_per_ip_count_handed_off_polls_until_they_close(closer, tmp_
         c.close()
 
 
-@pytest.mark.parametrize("extra", ["", "  handoff: false\n  handoff_polling: true\n"],
-                         ids=["default", "handoff-off"])
+@pytest.mark.parametrize("extra", ["  handoff_polling: false\n", "  handoff: false\n  handoff_polling: true\n"],
+                         ids=["handoff-polling-off", "handoff-off"])
 def test_without_it_polling_is_proxied_on_kept_alive_connections(closer, tmp_path, redis, extra):
-    """By default (`handoff_polling: false`), or with `workers.handoff: false`, the balancer
+    """With `handoff_polling: false`, or with `workers.handoff: false`, the balancer
     proxies every polling request and keeps the client's connection open between them."""
     b = start(closer, tmp_path, redis, count=1, handoff_polling=False, extra=extra)
     http = requests.Session()

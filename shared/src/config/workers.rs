@@ -35,8 +35,9 @@ pub struct WorkersConfig {
     /// With `handoff`, also pass long-polling connections to their worker: the first request
     /// of a connection that names a session leaves with the connection, which stays with the
     /// worker for its sessions' later requests; the worker gives back a connection that
-    /// carries any other request, to be routed by the balancer (docs/BENCHMARKS.md,
-    /// section 3). Ignored under `balancer.tls` and with `balancer.health_check: engineio`.
+    /// carries any other request, to be routed by the balancer. Default true: measured, it
+    /// takes the balancer out of the polling data path (docs/BENCHMARKS.md, section 3); false
+    /// proxies every polling request. Ignored under `balancer.tls` and with `balancer.health_check: engineio`.
     pub handoff_polling: bool,
     /// The command the balancer runs per worker, before `--config FILE --index I`.
     /// Default: the `worker` binary next to the balancer's own executable.
@@ -59,7 +60,7 @@ impl Default for WorkersConfig {
             drain_window_secs: 10,
             spawn: true,
             handoff: true,
-            handoff_polling: false,
+            handoff_polling: true,
             command: None,
             upstreams: Vec::new(),
             discover: None,
