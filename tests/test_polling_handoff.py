@@ -299,3 +299,83 @@ def test_without_it_polling_is_proxied_on_kept_alive_connections(closer, tmp_pat
     sid = json.loads(r.text[1:])["sid"]
     r = http.post(f"{b.url}{POLL}&sid={sid}", data="40", timeout=5)
     assert r.text == "ok" and r.headers.get("connection", "").lower() == "keep-alive", r.headers
+
+
+def test_a_kept_connection_answers_pipelined_requests_in_order(closer, tmp_path, redis):
+    """Two requests of the session in one write on a kept connection: both answered, in order,
+    by the worker; then one of a new session, pipelined behind a third: the third answered by
+    the worker, the handshake given back with the bytes read and answered by the balancer."""
+    b = start(closer, tmp_path, redis, count=2)
+    sid = open_session(b.port)
+    kept = connect(b.port)
+    send(kept, "POST", f"{POLL}&sid={sid}", b"3")  # a pong: hands the connection over
+    assert answer(kept, wait_close=False)[2] == "ok"
+    post = lambda text: (f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(text)}\r\n\r\n"  # noqa: E731
+                         f"{text}").encode()
+    kept.sendall(post('421["echo","one"]') + post('422["echo","two"]'))
+    assert [body for _, body in answers(kept, 2)] == ["ok", "ok"]
+    kept.sendall(post('423["echo","three"]') + f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    (_, third), (status, body) = answers(kept, 2)
+    assert third == "ok"
+    assert status == "HTTP/1.1 200 OK" and "." in json.loads(body[1:])["sid"], (status, body)
+    kept.close()
+    seen = []
+    for _ in range(6):
+        seen += [p[:3] for p in poll_for(b.port, sid, "43")]
+        if {"431", "432", "433"} <= set(seen):
+            break
+    assert {"431", "432", "433"} <= set(seen), seen
+
+
+def answers(s, n):
+    """`n` responses read off `s` that may have arrived together (Content-Length framed; the
+    balancer's tagged handshake answer chunked): [(status line, body)]."""
+    buf, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" in buf:
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                if b"0\r\n\r\n" not in rest:
+                    break
+                raw, _, buf = rest.partition(b"0\r\n\r\n")
+                body = b""
+                while raw:
+                    size, _, raw = raw.partition(b"\r\n")
+                    body, raw = body + raw[:int(size, 16)], raw[int(size, 16) + 2:]
+            else:
+                length = int(headers.get("content-length", "0"))
+                if len(rest) < length:
+                    break
+                body, buf = rest[:length], rest[length:]
+            out.append((lines[0], body.decode()))
+            if len(out) == n:
+                return out
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {out}: {buf!r}"
+        buf += chunk
+    return out
+
+
+def test_a_client_cannot_ask_for_its_connection_to_be_kept(closer, tmp_path, redis):
+    """`x-fleet-keep` is the balancer's to set: sent by a client on a WebSocket upgrade or a
+    handshake it is dropped, and each is served as usual."""
+    b = start(closer, tmp_path, redis, count=1)
+    s = connect(b.port)
+    s.sendall(f"GET {POLL} HTTP/1.1\r\nHost: x\r\nX-Fleet-Keep: AAAAAAAA\r\n\r\n".encode())
+    status, _, body, _ = answer(s, wait_close=False)
+    assert status == "HTTP/1.1 200 OK", (status, body)
+    sid = json.loads(body[1:])["sid"]
+    s.close()
+    ws = connect(b.port)
+    ws.sendall((f"GET /socket.io/?EIO=4&transport=websocket&sid={sid} HTTP/1.1\r\nHost: x\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Fleet-Keep: AAAAAAAA\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = ws.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    ws.close()

@@ -14,8 +14,8 @@
 //!   per-address connection counts stay true. Id [`UNTRACKED`] (0) is never reported: the
 //!   balancer keeps no count of such a connection (a long-polling request without a
 //!   connection limit).
-//! - worker → balancer: a connection given back ([`RETURNED`] in place of an id, then the
-//!   bytes the worker read of it and did not serve, plus its descriptor). A long-polling
+//! - worker → balancer: a connection given back ([`RETURNED`] in place of an id, then its id,
+//!   then the bytes the worker read of it and did not serve, plus its descriptor). A long-polling
 //!   connection stays with the worker it was handed to for its session's later requests
 //!   (the first request's head carries [`KEEP_HEADER`]); a request the worker must not serve
 //!   itself (another worker's session, a new session, an upgrade) sends the connection back
@@ -129,13 +129,17 @@ pub async fn recv_conn(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Receiv
     }
 }
 
-/// Gives a connection back to the balancer: `unread`, the bytes read from it and not served
-/// (a request head, maybe some of its body), and its descriptor, which the caller then closes.
+/// Gives connection `id` back to the balancer: `unread`, the bytes read from it and not
+/// served (a request head, maybe some of its body), and its descriptor, which the caller then
+/// closes. The balancer releases what it counted for `id` before routing the connection again.
 ///
 /// # Errors
 /// The balancer is gone, or `unread` is too large for one message.
-pub async fn send_back(sock: &UnixDatagram, unread: &[u8], fd: RawFd) -> io::Result<()> {
-    send_conn(sock, RETURNED, unread, fd).await
+pub async fn send_back(sock: &UnixDatagram, id: u64, unread: &[u8], fd: RawFd) -> io::Result<()> {
+    let mut message = Vec::with_capacity(8 + unread.len());
+    message.extend_from_slice(&id.to_le_bytes());
+    message.extend_from_slice(unread);
+    send_conn(sock, RETURNED, &message, fd).await
 }
 
 /// What a worker sends.
@@ -146,6 +150,8 @@ pub enum FromWorker {
     /// A connection given back: the bytes to read before its socket, and the socket (`None`
     /// if this process had no descriptor left for it; the kernel then closed it).
     Returned {
+        /// The id it was handed over with.
+        id: u64,
         /// What the worker read of the connection and did not serve.
         unread: Vec<u8>,
         /// The socket.
@@ -161,8 +167,12 @@ pub async fn recv_from_worker(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result
     loop {
         let got = recv_conn(sock, buf).await?;
         if got.id == RETURNED {
+            let Some(id) = got.head.get(..8) else {
+                continue;
+            };
             return Ok(FromWorker::Returned {
-                unread: got.head,
+                id: u64::from_le_bytes(id.try_into().expect("8 bytes")),
+                unread: got.head[8..].to_vec(),
                 fd: got.fd,
             });
         }
@@ -287,7 +297,7 @@ mod tests {
         let worker = worker_end(worker).unwrap();
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         send_closed(&worker, &[3]).await.unwrap();
-        send_back(&worker, b"GET /x HTTP/1.1\r\n\r\n", server.as_raw_fd())
+        send_back(&worker, 9, b"GET /x HTTP/1.1\r\n\r\n", server.as_raw_fd())
             .await
             .unwrap();
         drop(server);
@@ -296,12 +306,12 @@ mod tests {
             recv_from_worker(&balancer, &mut buf).await.unwrap(),
             FromWorker::Closed(ids) if ids == [3]
         ));
-        let FromWorker::Returned { unread, fd } =
+        let FromWorker::Returned { id, unread, fd } =
             recv_from_worker(&balancer, &mut buf).await.unwrap()
         else {
             panic!("expected a returned connection");
         };
-        assert_eq!(unread, b"GET /x HTTP/1.1\r\n\r\n");
+        assert_eq!((id, &unread[..]), (9, &b"GET /x HTTP/1.1\r\n\r\n"[..]));
         let mut passed = std::os::unix::net::UnixStream::from(fd.unwrap());
         passed.write_all(b"ok").unwrap();
         let mut two = [0u8; 2];

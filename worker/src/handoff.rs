@@ -106,6 +106,13 @@ pub struct HandedOff {
 /// Reports its connection closed to the balancer when dropped.
 pub struct CloseReport(Arc<ClosedNotes>, u64);
 
+impl CloseReport {
+    /// The balancer's id for the connection.
+    pub fn id(&self) -> u64 {
+        self.1
+    }
+}
+
 impl Drop for CloseReport {
     fn drop(&mut self) {
         // The balancer keeps no count of an untracked connection.

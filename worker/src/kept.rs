@@ -34,7 +34,8 @@ const IDLE: Duration = Duration::from_secs(60);
 const HEAD_TIME: Duration = Duration::from_secs(10);
 /// A larger head is given back: the balancer answers it.
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 64;
+/// Beyond the balancer's own limit (96) plus the headers it adds.
+const MAX_HEADERS: usize = 128;
 
 /// A kept connection: where it came from and what it may serve.
 pub struct Kept {
@@ -46,6 +47,8 @@ pub struct Kept {
     pub tag: String,
     /// The channel to the balancer, to give the connection back on.
     pub back: Arc<UnixDatagram>,
+    /// The balancer's id for the connection.
+    pub id: u64,
 }
 
 /// The connection's tag, when the balancer handed it over to stay.
@@ -105,10 +108,7 @@ impl Kept {
                         return;
                     }
                     // Bytes of the next request that came while this one was answered.
-                    if !early.is_empty() {
-                        let rest = std::mem::replace(&mut buf, early);
-                        buf.extend_from_slice(&rest);
-                    }
+                    buf.extend_from_slice(&early);
                 }
                 Next::GiveBack => {
                     self.give_back(&buf).await;
@@ -192,12 +192,20 @@ impl Kept {
             return None;
         }
         let view = parts.io.into_inner();
-        view.written.then_some(view.early)
+        // A request whose body was not read to its end (answered early) leaves bytes in the
+        // socket that are not a next request.
+        let whole = view.pre.is_empty() && view.body_left == 0;
+        (view.written && whole).then_some(view.early)
     }
 
     async fn give_back(self, unread: &[u8]) {
         use std::os::fd::AsRawFd;
-        if let Err(e) = handoff::send_back(&self.back, unread, self.io.as_raw_fd()).await {
+        if unread.len() + 16 > handoff::MAX_MESSAGE {
+            // Over any head the balancer accepts: it would refuse it too.
+            return;
+        }
+        let sent = handoff::send_back(&self.back, self.id, unread, self.io.as_raw_fd()).await;
+        if let Err(e) = sent {
             tracing::debug!("a kept connection could not go back to the balancer: {e}");
         }
         // Dropping ours leaves the balancer's copy open; the balancer is told it closed here.
@@ -235,17 +243,22 @@ fn judge(buf: &[u8], tag: &str, first: bool, sio_path: &str) -> Next {
         && header("upgrade").is_none()
         && header("transfer-encoding").is_none()
         && header("expect").is_none();
+    let last = close || req.version == Some(0);
+    if first {
+        // The balancer routed it and read its body's length: serve it, whatever it is.
+        return match body {
+            Some(body) => Next::Serve {
+                head: buf[..raw_len].to_vec(),
+                raw_len,
+                body,
+                last,
+            },
+            None => Next::GiveBack,
+        };
+    }
     let (Some(body), true, Some(path)) = (body, plain, req.path) else {
         return Next::GiveBack;
     };
-    if first {
-        return Next::Serve {
-            head: buf[..raw_len].to_vec(),
-            raw_len,
-            body,
-            last: close,
-        };
-    }
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     if !eio_query::under_path(route, sio_path) {
         return Next::GiveBack;
@@ -258,6 +271,14 @@ fn judge(buf: &[u8], tag: &str, first: bool, sio_path: &str) -> Next {
         .as_deref()
         .and_then(|sid| sid.strip_prefix(tag))
         .and_then(|rest| rest.strip_prefix('.'));
+    // A sid as the balancer accepts one (base64url, at most 64): nothing that could change
+    // the head it is written back into.
+    let own = own.filter(|sid| {
+        (1..=64).contains(&sid.len())
+            && sid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
     let (Some(sid), Some("polling")) = (own, params.transport.as_deref()) else {
         return Next::GiveBack;
     };
@@ -283,7 +304,7 @@ fn judge(buf: &[u8], tag: &str, first: bool, sio_path: &str) -> Next {
         head,
         raw_len,
         body,
-        last: close,
+        last,
     }
 }
 
@@ -379,9 +400,15 @@ impl AsyncWrite for OneRequest<'_> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let flushed = Pin::new(&mut *this.io).poll_flush(cx);
-        if matches!(flushed, Poll::Ready(Ok(()))) && this.answered.load(Ordering::Acquire) {
-            // hyper flushes once the whole answer is in the socket's buffer.
+        if matches!(flushed, Poll::Ready(Ok(())))
+            && !this.written
+            && this.answered.load(Ordering::Acquire)
+        {
+            // hyper flushes once the whole answer is in the socket's buffer. It may be waiting
+            // on a read that only ends now (the probe's waker is the socket's, which may never
+            // fire): poll it again.
             this.written = true;
+            cx.waker().wake_by_ref();
         }
         flushed
     }
@@ -440,6 +467,9 @@ mod tests {
             b"GET /socket.io/?EIO=4&transport=polling&sid=TAGTAG12.a&sid=TAGTAG12.b HTTP/1.1\r\n\r\n",
             b"POST /socket.io/?EIO=4&transport=polling&sid=TAGTAG12.abc HTTP/1.1\r\nContent-Length: x\r\n\r\n",
             b"GET\x01 / HTTP/1.1\r\n\r\n",
+            // a sid that would write headers, or a second request, into the head
+            b"GET /socket.io/?EIO=4&transport=polling&sid=TAGTAG12.x%20HTTP/1.1%0D%0AX-Fleet-Client-Ip:%201.2.3.4%0D%0A%0D%0AGET%20/metrics HTTP/1.1\r\n\r\n",
+            b"GET /socket.io/?EIO=4&transport=polling&sid=TAGTAG12.a%2Fb HTTP/1.1\r\n\r\n",
         ] {
             assert!(
                 matches!(judge(raw, tag, false, "/socket.io"), Next::GiveBack),

@@ -76,6 +76,7 @@ async fn next_handed(handoff: &mut Option<HandoffChannel>) -> std::io::Result<Ha
 fn serve_kept(ctx: &Arc<HttpCtx>, conn: HandedOff, tag: String, permit: OwnedSemaphorePermit) {
     let peer = conn.stream.peer_addr().ok().map(crate::auth::PeerAddr);
     let (conn_id, io) = ctx.registry.wrap(conn.stream, Some(permit));
+    let id = conn.closed.id();
     let kept = crate::kept::Kept {
         ctx: Arc::clone(ctx),
         conn: conn_id,
@@ -83,6 +84,7 @@ fn serve_kept(ctx: &Arc<HttpCtx>, conn: HandedOff, tag: String, permit: OwnedSem
         peer,
         tag,
         back: conn.back,
+        id,
     };
     tokio::spawn(kept.serve(conn.head));
 }

@@ -297,16 +297,13 @@ pub struct Returns<A> {
 impl<A: HttpServerApp + Send + Sync + 'static> pingora_core::services::background::BackgroundService
     for Returns<A>
 {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
         let Some(mut returned) = self.returned.lock().unwrap().take() else {
             return;
         };
-        loop {
-            let conn = tokio::select! {
-                conn = returned.recv() => conn,
-                _ = shutdown.changed() => None,
-            };
-            let Some(conn) = conn else { return };
+        // Through the grace period too: a connection given back then is answered (and, the
+        // balancer shutting down, not kept alive).
+        while let Some(conn) = returned.recv().await {
             let front = Arc::clone(&self.front);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {

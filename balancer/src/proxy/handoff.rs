@@ -227,13 +227,17 @@ async fn read_notes(channel: Arc<Channel>, returns: mpsc::UnboundedSender<Return
                 }
             }
             FromWorker::Returned {
+                id,
                 unread,
                 fd: Some(fd),
             } => {
+                // Its place in its address's count is taken again when it is routed.
+                channel.remove(id);
                 let stream = std::net::TcpStream::from(fd);
                 let _ = returns.send(Returned { stream, unread });
             }
-            FromWorker::Returned { fd: None, .. } => {
+            FromWorker::Returned { id, fd: None, .. } => {
+                channel.remove(id);
                 tracing::warn!("a connection given back arrived without its socket");
             }
         }

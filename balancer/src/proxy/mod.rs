@@ -233,6 +233,8 @@ impl FleetProxy {
     /// address as judged here ([`shared::protocol::CLIENT_IP_HEADER`], never the client's own).
     fn add_forwarded(&self, session: &Session, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
         req.remove_header(shared::protocol::CLIENT_IP_HEADER);
+        // Only the balancer says a handed-over connection stays (`hand_off_poll`).
+        req.remove_header(handoff_proto::KEEP_HEADER);
         let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) else {
             return Ok(());
         };
@@ -321,7 +323,6 @@ impl FleetProxy {
         self.add_forwarded(session, &mut req, ctx)?;
         // The connection stays with the worker for the later requests of its sessions (the
         // worker gives back any other).
-        req.remove_header(handoff_proto::KEEP_HEADER);
         req.insert_header(handoff_proto::KEEP_HEADER, route.worker.tag().as_str())?;
         let mut head = raw_http::serialize(&req);
         head.extend_from_slice(&body);
