@@ -200,6 +200,12 @@ def test_polling_requests_with_a_sid_leave_the_balancer(closer, tmp_path, redis)
     status, headers, body, _ = answer(kept, wait_close=False)
     assert status == "HTTP/1.1 200 OK" and "." in json.loads(body[1:])["sid"], (status, body)
     kept.close()
+    kept_total = lambda outcome: sum(metric(b.worker_metrics(i), "fleet_worker_kept_requests_total",  # noqa: E731
+                                            outcome=outcome) or 0 for i in range(2))
+    # The polls above were served on the kept connection; the other session's POST, the first
+    # session's back on the other worker, and the handshake were given back.
+    assert kept_total("served") >= 1 and kept_total("given_back") >= 3, (kept_total("served"),
+                                                                        kept_total("given_back"))
 
     # Pending polls, each held by its worker: the balancer holds none of their sockets.
     sids = [open_session(b.port) for _ in range(20)]

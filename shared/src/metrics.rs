@@ -60,6 +60,10 @@ pub const WORKER_FORBIDDEN_TOTAL: &str = "fleet_worker_forbidden_total";
 /// (`events` dropped, `rooms` joins refused, `message_size` WebSockets closed with 1009).
 pub const WORKER_LIMITED_TOTAL: &str = "fleet_worker_limited_total";
 
+/// Counter by `outcome`: requests on long-polling connections the balancer handed over to
+/// stay, `served` here without the balancer, or `given_back` to it to be routed.
+pub const WORKER_KEPT_REQUESTS_TOTAL: &str = "fleet_worker_kept_requests_total";
+
 /// Gauge: room channels this worker is subscribed to in Redis (rooms with a member here).
 pub const WORKER_ROOMS_SUBSCRIBED: &str = "fleet_worker_rooms_subscribed";
 /// Counter by `kind`: pub/sub messages taken from Redis (`received`), and of the room
@@ -88,6 +92,7 @@ pub const WORKER_METRICS: &[&str] = &[
     WORKER_ROOMS_SUBSCRIBED,
     WORKER_PUBSUB_MESSAGES_TOTAL,
     WORKER_LIMITED_TOTAL,
+    WORKER_KEPT_REQUESTS_TOTAL,
 ];
 
 /// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,

@@ -97,6 +97,9 @@ impl Kept {
                     body,
                     last,
                 } => {
+                    if !first {
+                        self.ctx.metrics.kept_served.inc();
+                    }
                     buf.advance(raw_len);
                     let in_buf = body.min(buf.len());
                     let mut request = BytesMut::from(&head[..]);
@@ -111,6 +114,7 @@ impl Kept {
                     buf.extend_from_slice(&early);
                 }
                 Next::GiveBack => {
+                    self.ctx.metrics.kept_given_back.inc();
                     self.give_back(&buf).await;
                     return;
                 }

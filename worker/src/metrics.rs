@@ -68,6 +68,11 @@ pub struct WorkerMetrics {
     pub limited_events: IntCounter,
     pub limited_rooms: IntCounter,
     pub limited_message_size: IntCounter,
+    /// Requests on kept long-polling connections, by outcome.
+    pub kept: IntCounterVec,
+    /// Its series, resolved once: counted per request.
+    pub kept_served: IntCounter,
+    pub kept_given_back: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -93,6 +98,14 @@ impl WorkerMetrics {
                 "Events dropped, joins refused and WebSockets closed by the limits",
             ),
             &[names::LABEL_KIND],
+        )
+        .unwrap();
+        let kept = IntCounterVec::new(
+            Opts::new(
+                names::WORKER_KEPT_REQUESTS_TOTAL,
+                "Requests on long-polling connections kept here: served, or given back to the balancer",
+            ),
+            &[names::LABEL_OUTCOME],
         )
         .unwrap();
         let m = WorkerMetrics {
@@ -163,6 +176,9 @@ impl WorkerMetrics {
             limited_rooms: limited.with_label_values(&[crate::limits::KIND_ROOMS]),
             limited_message_size: limited.with_label_values(&[crate::limits::KIND_MESSAGE_SIZE]),
             limited,
+            kept_served: kept.with_label_values(&["served"]),
+            kept_given_back: kept.with_label_values(&["given_back"]),
+            kept,
             registry,
         };
         m.register_all();
@@ -201,6 +217,7 @@ impl WorkerMetrics {
             Box::new(self.rooms_subscribed.clone()),
             Box::new(self.pubsub_messages.clone()),
             Box::new(self.limited.clone()),
+            Box::new(self.kept.clone()),
         ];
         for c in collectors {
             // Names are distinct constants, so registration cannot collide.
