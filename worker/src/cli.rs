@@ -124,7 +124,6 @@ fn settings(args: Args) -> Result<WorkerSettings, String> {
 /// }
 /// ```
 pub fn main(app: impl App) -> ExitCode {
-    crate::memory::limit_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

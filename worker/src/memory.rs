@@ -24,19 +24,6 @@ pub async fn trim_freed(mut shutdown: Shutdown) {
     }
 }
 
-/// Arenas glibc may create: two, for the runtime's threads (by default it allows eight per
-/// core, and memory freed by one thread into another's arena stays there).
-const ARENAS: i32 = 2;
-
-/// Caps glibc's arenas at [`ARENAS`]; to be called before any thread starts.
-pub fn limit_arenas() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt takes plain integers; M_ARENA_MAX only bounds arenas made from now on.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
-    }
-}
-
 #[cfg(target_env = "gnu")]
 fn trim() {
     // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps and in its
