@@ -26,6 +26,7 @@ pub mod handoff;
 pub mod metrics;
 pub mod protocol;
 pub mod shutdown;
+pub mod sticky_tag;
 
 pub use backoff::Backoff;
 pub use clock::unix_micros;

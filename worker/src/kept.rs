@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use shared::sticky_tag::TaggedSid;
 use shared::{eio_query, handoff};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixDatagram};
@@ -65,10 +66,10 @@ pub fn keep_tag(head: &[u8]) -> Option<String> {
 
 /// What to do with the request at the start of the buffer.
 enum Next {
-    /// Serve it: its head (as hyper is to read it), the length of the raw head it replaces,
-    /// its body's length, and whether the connection ends after it.
+    /// Serve it: its head (as hyper is to read it, room left for the body), the length of the
+    /// raw head it replaces, its body's length, and whether the connection ends after it.
     Serve {
-        head: Vec<u8>,
+        head: BytesMut,
         raw_len: usize,
         body: usize,
         last: bool,
@@ -102,7 +103,7 @@ impl Kept {
                     }
                     buf.advance(raw_len);
                     let in_buf = body.min(buf.len());
-                    let mut request = BytesMut::from(&head[..]);
+                    let mut request = head;
                     request.extend_from_slice(&buf.split_to(in_buf));
                     let Some(early) = self.serve_one(request, body - in_buf).await else {
                         return;
@@ -252,7 +253,7 @@ fn judge(buf: &[u8], tag: &str, first: bool, sio_path: &str) -> Next {
         // The balancer routed it and read its body's length: serve it, whatever it is.
         return match body {
             Some(body) => Next::Serve {
-                head: buf[..raw_len].to_vec(),
+                head: BytesMut::from(&buf[..raw_len]),
                 raw_len,
                 body,
                 last,
@@ -270,28 +271,22 @@ fn judge(buf: &[u8], tag: &str, first: bool, sio_path: &str) -> Next {
     let Ok(params) = eio_query::parse(Some(query)) else {
         return Next::GiveBack;
     };
-    let own = params
-        .sid
-        .as_deref()
-        .and_then(|sid| sid.strip_prefix(tag))
-        .and_then(|rest| rest.strip_prefix('.'));
-    // A sid as the balancer accepts one (base64url, at most 64): nothing that could change
-    // the head it is written back into.
-    let own = own.filter(|sid| {
-        (1..=64).contains(&sid.len())
-            && sid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
+    // Read as the balancer reads it: a well-formed sid (base64url) cannot change the head it
+    // is written back into.
+    let tagged = params.sid.as_deref().map(TaggedSid::parse);
+    let own = match tagged {
+        Some(Ok(tagged)) if tagged.tag.as_str() == tag => Some(tagged.sid),
+        _ => None,
+    };
     let (Some(sid), Some("polling")) = (own, params.transport.as_deref()) else {
         return Next::GiveBack;
     };
     // The head as the balancer would forward it: the sid plain, no header of the fleet's own.
-    let mut head = Vec::with_capacity(raw_len);
+    let mut head = BytesMut::with_capacity(raw_len + body.min(MAX_HEAD));
     head.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
-    head.push(b' ');
+    head.put_u8(b' ');
     head.extend_from_slice(route.as_bytes());
-    head.push(b'?');
+    head.put_u8(b'?');
     head.extend_from_slice(eio_query::with_sid(query, sid).as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
@@ -431,7 +426,7 @@ mod tests {
         match next {
             Next::Serve {
                 head, body, last, ..
-            } => (String::from_utf8(head).unwrap(), body, last),
+            } => (String::from_utf8(head.to_vec()).unwrap(), body, last),
             Next::GiveBack => panic!("given back"),
             Next::Partial => panic!("partial"),
         }

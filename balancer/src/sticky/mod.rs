@@ -2,6 +2,6 @@
 //! the way HAProxy's `cookie prefix` mode tags an application cookie. Pure codecs only.
 
 pub mod open_packet;
-pub mod tag;
 
+pub use shared::sticky_tag as tag;
 pub use tag::{Tag, TaggedSid};

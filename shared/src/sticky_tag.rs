@@ -1,6 +1,7 @@
 //! Tags: 8 URL-safe characters derived from a worker's identity with a keyed hash, so every
 //! balancer sharing the secret derives the same tag, and the tag does not reveal the address.
-//! A tagged sid is `<tag>.<sid>`.
+//! A tagged sid is `<tag>.<sid>`. The balancer tags and reads sids; a worker keeping a
+//! long-polling connection reads them to tell its own sessions' requests.
 
 use std::fmt;
 
