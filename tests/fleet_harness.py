@@ -394,10 +394,9 @@ def session_from(source):
 class Client:
     """A python-socketio client that records what it receives and how it disconnects."""
 
-    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None,
-                 ca=None):
+    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None):
         """`source`: a local address to connect from (polling only: the WebSocket library
-        cannot bind one). `ca`: the CA file an https:// server is verified against."""
+        cannot bind one). For https:// servers use TlsClient."""
         self.name = name
         self.url = url
         self.transports = list(transports)
@@ -410,10 +409,6 @@ class Client:
         if source is not None:
             assert self.transports == ["polling"], "a source address is for polling clients"
             extra["http_session"] = session_from(source)
-        if ca is not None:
-            session = extra.setdefault("http_session", requests.Session())
-            session.verify = str(ca)
-            session.trust_env = False  # else REQUESTS_CA_BUNDLE would win over `verify`
         self.sio = socketio.Client(
             reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
             randomization_factor=0.2, request_timeout=5, **extra,
@@ -458,6 +453,89 @@ class Client:
             pass
 
 
+class TlsClient:
+    """A python-socketio client for https:// servers, verifying them against the CA file `ca`,
+    with Client's interface.
+
+    It is python-socketio's asyncio client run on a loop of its own: the threaded client reads
+    and writes one SSL socket from two threads, which Python's ssl module does not support, and
+    over wss:// its reader now and then sees the connection as closed while the writer sends
+    (python-socketio#1568, python-engineio#461: any server, about one connection in fifty
+    here). The asyncio client does both on one thread."""
+
+    def __init__(self, url, transports=("polling", "websocket"), ca=None, name="c"):
+        import asyncio
+        self.name = name
+        self.url = url
+        self.transports = list(transports)
+        self.ca = str(ca)
+        self.messages = []
+        self.connects = 0
+        self.disconnect_reasons = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"tls-client-{name}")
+        self._thread.start()
+        self.sio = None
+        self._http = None
+        self._run(self._make(), 10)
+
+    async def _make(self):
+        import ssl
+
+        import aiohttp
+        context = ssl.create_default_context(cafile=self.ca)
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), trust_env=False)
+        self.sio = socketio.AsyncClient(reconnection=False, request_timeout=5, http_session=self._http)
+        self.sio.on("message", self._on_message)
+        self.sio.on("connect", self._on_connect)
+        self.sio.on("disconnect", self._on_disconnect)
+
+    def _run(self, coro, timeout):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _on_message(self, data):
+        with self._lock:
+            self.messages.append(data)
+
+    def _on_connect(self):
+        with self._lock:
+            self.connects += 1
+
+    def _on_disconnect(self, reason=None):
+        with self._lock:
+            self.disconnect_reasons.append(reason)
+
+    def connect(self):
+        self._run(self.sio.connect(self.url, transports=self.transports, wait_timeout=10), 20)
+        return self
+
+    def call(self, event, data=None, timeout=10):
+        args = () if data is None else (data,)
+        return self._run(self.sio.call(event, *args, timeout=timeout), timeout + 5)
+
+    def transport(self):
+        return self.sio.transport()
+
+    def data_received(self):
+        with self._lock:
+            return [m["data"] for m in self.messages]
+
+    def close(self):
+        async def shut():
+            try:
+                await self.sio.disconnect()
+            finally:
+                await self._http.close()
+        try:
+            self._run(shut(), 10)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
 class Closer:
     """Collects guards and closes them in reverse order."""
 
@@ -477,7 +555,7 @@ class Closer:
 
 
 __all__ = [
-    "Balancer", "Client", "Closer", "NODE_DIR", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
+    "Balancer", "Client", "Closer", "TlsClient", "NODE_DIR", "Proc", "free_port_range", "RedisServer", "Worker", "free_port", "metric",
     "parse_metrics", "port_open", "wait_until",
 ]
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from fleet_harness import NODE_DIR, Balancer, Client, make_ca, make_server_cert, metric, wait_until
+from fleet_harness import NODE_DIR, Balancer, TlsClient, make_ca, make_server_cert, metric, wait_until
 
 
 def tls_yaml(cert, key):
@@ -56,7 +56,7 @@ def pki(tmp_path):
                          ids=["polling", "websocket", "upgrade"])
 def test_python_clients_over_https_and_wss_across_workers(closer, tmp_path, redis, pki, transports):
     b = start(closer, tmp_path, redis, pki["cert"], pki["key"])
-    clients = [closer.add(Client(https(b), transports, ca=pki["ca"])).connect() for _ in range(6)]
+    clients = [closer.add(TlsClient(https(b), transports, ca=pki["ca"])).connect() for _ in range(6)]
     assert {c.transport() for c in clients} == {transports[-1]}
     workers = {c.call("whoami")["worker"] for c in clients}
     assert len(workers) == 2, workers  # both workers hold some: cross-worker delivery is exercised
@@ -112,7 +112,7 @@ def test_tls_1_2_and_1_3_only(closer, tmp_path, redis, pki):
 def test_a_replaced_certificate_is_served_to_new_connections_while_open_ones_continue(closer, tmp_path, redis, pki):
     b = start(closer, tmp_path, redis, pki["cert"], pki["key"])
     before = serial_seen(b.port, pki["ca"])
-    open_clients = [closer.add(Client(https(b), t, ca=pki["ca"])).connect()
+    open_clients = [closer.add(TlsClient(https(b), t, ca=pki["ca"])).connect()
                     for t in (["websocket"], ["polling"], ["polling", "websocket"])]
     # The new pair is written beside and moved in: key first, as a deploy tool would.
     new_cert, new_key = make_server_cert(tmp_path, pki["ca_key"], pki["ca_cert"], name="renewed")
@@ -124,7 +124,7 @@ def test_a_replaced_certificate_is_served_to_new_connections_while_open_ones_con
     assert "TLS certificate reloaded" in b.output()
     for c in open_clients:
         assert c.call("echo", "still here") == "still here"
-    fresh = closer.add(Client(https(b), ["websocket"], ca=pki["ca"])).connect()
+    fresh = closer.add(TlsClient(https(b), ["websocket"], ca=pki["ca"])).connect()
     assert fresh.call("echo", "new") == "new"
     # A broken replacement (a key of another certificate) is refused; the current one stays.
     other_cert, other_key = make_server_cert(tmp_path, pki["ca_key"], pki["ca_cert"], name="other")
