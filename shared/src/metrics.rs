@@ -72,6 +72,12 @@ pub const WORKER_ROOMS_SUBSCRIBED: &str = "fleet_worker_rooms_subscribed";
 pub const WORKER_PUBSUB_MESSAGES_TOTAL: &str = "fleet_worker_pubsub_messages_total";
 /// Label of [`WORKER_PUBSUB_MESSAGES_TOTAL`].
 pub const LABEL_KIND: &str = "kind";
+/// Gauge by `state`: the worker's heap as its allocator sees it, `in_use` (what the worker
+/// holds) and `free` (freed but kept by the allocator, so still part of the RSS: what a peak
+/// of connections leaves behind). Set every 30 s, after freed memory is handed back.
+pub const WORKER_HEAP_BYTES: &str = "fleet_worker_heap_bytes";
+/// Label of [`WORKER_HEAP_BYTES`].
+pub const LABEL_STATE: &str = "state";
 
 /// Every worker metric name.
 pub const WORKER_METRICS: &[&str] = &[
@@ -93,6 +99,7 @@ pub const WORKER_METRICS: &[&str] = &[
     WORKER_PUBSUB_MESSAGES_TOTAL,
     WORKER_LIMITED_TOTAL,
     WORKER_KEPT_REQUESTS_TOTAL,
+    WORKER_HEAP_BYTES,
 ];
 
 /// Header on every `/readyz` answer of a worker (200 and 503 alike): its connected sockets,

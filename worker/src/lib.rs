@@ -285,7 +285,7 @@ pub async fn run(
     tokio::spawn(room_applier.run(shutdown.clone()));
     tokio::spawn(expiry.run(io.clone(), shutdown.clone()));
     tokio::spawn(probes::event_loop_lag(metrics.clone(), shutdown.clone()));
-    tokio::spawn(memory::trim_freed(shutdown.clone()));
+    tokio::spawn(memory::trim_freed(metrics.heap.clone(), shutdown.clone()));
     tokio::spawn(probes::pubsub_lag(
         link.clone(),
         settings.redis.prefix.clone(),

@@ -73,6 +73,8 @@ pub struct WorkerMetrics {
     /// Its series, resolved once: counted per request.
     pub kept_served: IntCounter,
     pub kept_given_back: IntCounter,
+    /// The heap, by state (`in_use`, `free`): see [`crate::memory`].
+    pub heap: IntGaugeVec,
 }
 
 impl WorkerMetrics {
@@ -179,9 +181,18 @@ impl WorkerMetrics {
             kept_served: kept.with_label_values(&["served"]),
             kept_given_back: kept.with_label_values(&["given_back"]),
             kept,
+            heap: IntGaugeVec::new(
+                Opts::new(
+                    names::WORKER_HEAP_BYTES,
+                    "Heap bytes in use, and freed but kept by the allocator",
+                ),
+                &[names::LABEL_STATE],
+            )
+            .unwrap(),
             registry,
         };
         m.register_all();
+        crate::memory::record(&m.heap);
         // Every series exists from the start: a rate over a counter that appears late misses
         // its first increments.
         for outcome in crate::auth::Outcome::ALL {
@@ -218,6 +229,7 @@ impl WorkerMetrics {
             Box::new(self.pubsub_messages.clone()),
             Box::new(self.limited.clone()),
             Box::new(self.kept.clone()),
+            Box::new(self.heap.clone()),
         ];
         for c in collectors {
             // Names are distinct constants, so registration cannot collide.
