@@ -3,7 +3,8 @@
 
 A fleet of standalone workers (`worker --listen ... --id wN`) behind one balancer with
 `workers.spawn: false` (so workers survive a balancer restart; WebSockets are relayed by the
-balancer, not handed off), one redis-server, and `loadtest --reconnect true` with clients
+balancer, not handed off) and `placement: least-connections` (every client comes from
+127.0.0.1: consistent hashing would fill the workers in one order), one redis-server, and `loadtest --reconnect true` with clients
 alternating WebSocket and polling-then-upgrade, rooms of `--room-size` spanning the workers and
 one publisher per room at a steady total `--publish-rate`. Publishing starts at T0; the first
 minute is the warm-up (and the no-fault baseline); then at T0 + 60 s * k fault k, in turn:
@@ -35,7 +36,14 @@ publishes with the publisher's worker and send/ack times, first receipts):
     from its own drop to its next join (p50/p99);
   - errors: loadtest's errors by kind, counted in the window they happened in;
   - RSS of every process every 5 s; start = the sample just before the first fault (after the
-    warm-up), end = the last sample while publishing.
+    warm-up), end = the last sample while publishing;
+  - the leak check: each worker's heap in use (`fleet_worker_heap_bytes`, from its allocator)
+    and connections, read just before every fault and at the end, once settled (see
+    `settled_readings`); per worker process that lived ten minutes or more, the heap in use per
+    connection, averaged over its first fault cycle after the warm-up and over its last. The faults move clients
+    between workers, which moves RSS and heap alike; a leak raises the heap per connection. RSS
+    also keeps what the allocator holds after a peak of connections
+    (`fleet_worker_heap_bytes{state="free"}`).
 
 Usage: cargo build --release --bins && python3 bench/soak.py --minutes 20 [--clients 5000]
        [--workers 4] [--publish-rate 200] [--room-size 10] [--json bench/soak-results.json]
@@ -52,6 +60,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 import time
 from pathlib import Path
 
@@ -145,12 +154,14 @@ class Soak:
                 f"listen: 127.0.0.1:{self.port}\nmetrics_listen: 127.0.0.1:{mport}\n"
                 f"redis:\n  url: {self.redis_url}\n"
                 f"workers:\n  count: {args.workers}\n  host: 127.0.0.1\n  base_port: {self.base}\n  spawn: false\n"
-                f"balancer:\n  reuse_port: {'true' if args.balancer_restart == 'handover' else 'false'}\n")
+                f"balancer:\n  reuse_port: {'true' if args.balancer_restart == 'handover' else 'false'}\n"
+                f"  placement: {args.placement}\n")
             cfgs.append(cfg)
         self.balancer = Daemon("balancer", lambda n: [str(BIN / "balancer"), "--config", str(cfgs[n % 2])],
                                self.port)
         self.wait_balancer_sees_all(self.metrics_ports[0])
         self.rss = []  # (t, role, pid, bytes)
+        self.heap = []  # (t, role, pid, connections, heap in use, heap free): workers only
         self.faults = []
         self.live = ""
         self.t0 = None
@@ -164,8 +175,6 @@ class Soak:
         return [self.balancer, *self.workers, self.redis]
 
     def wait_balancer_sees_all(self, metrics_port, timeout=60):
-        import urllib.request
-
         def up():
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
             return sum(1 for line in text.splitlines()
@@ -261,6 +270,11 @@ class Soak:
             for d in self.daemons():
                 if d.proc and d.proc.poll() is None:
                     self.rss.append((t, d.role, d.proc.pid, rss_bytes([d.proc.pid])))
+            for w in self.workers:
+                if w.proc and w.proc.poll() is None:
+                    got = worker_heap(w.port)
+                    if got:
+                        self.heap.append((t, w.role, w.proc.pid, *got))
             self.done.wait(5)
 
     def run_faults(self):
@@ -300,7 +314,7 @@ class Soak:
                        "room_size": a.room_size, "publishers": rooms, "publish_rate": a.publish_rate,
                        "transport": "mixed (even clients websocket, odd polling then upgrade)",
                        "drain_window_secs": a.drain_secs, "redis_outage_secs": a.redis_outage,
-                       "pause_secs": a.pause, "balancer_restart": a.balancer_restart,
+                       "pause_secs": a.pause, "balancer_restart": a.balancer_restart, "placement": a.placement,
                        "fault_interval_secs": a.fault_interval, "loadtest_procs": a.procs, "loadtest": " ".join(cmd)}
         log(f"parameters: {json.dumps({k: v for k, v in self.params.items() if k != 'loadtest'})}")
         log(f"logs in {LOGS}")
@@ -485,10 +499,78 @@ def analyse(soak, files):
         ws = {stable_worker(ivs.get(c), t0, t0) for c in cs} - {None}
         spans[len(ws)] += 1
 
-    return {"parameters": soak.params, "windows": rows, "rss": rss_table(soak), "room_worker_spans": dict(spans),
+    return {"parameters": soak.params, "windows": rows, "rss": rss_table(soak), "leak_check": leak_table(soak), "room_worker_spans": dict(spans),
             "rss_samples": [(round(t - soak.t0, 1), role, pid, b) for t, role, pid, b in soak.rss],
+            "heap_samples": [(round(t - soak.t0, 1), role, pid, c, used, free)
+                             for t, role, pid, c, used, free in soak.heap],
             "loadtest": {k: soak.report[k] for k in ("connected", "failed", "reconnects", "published", "acked",
                                                      "deliveries", "errors", "clients_per_worker", "delivery_ms")}}
+
+
+def worker_heap(port):
+    """(connections, heap in use, heap free) from a worker's /metrics, or None (a paused worker
+    does not answer)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=0.5).read().decode()
+    except OSError:
+        return None
+    got = {}
+    for line in text.splitlines():
+        m = re.match(r'(fleet_worker_connections|fleet_worker_heap_bytes\{state="(in_use|free)")[^ ]* (\S+)$', line)
+        if m:
+            got[m.group(2) or "connections"] = float(m.group(3))
+    if len(got) < 3:
+        return None
+    return int(got["connections"]), int(got["in_use"]), int(got["free"])
+
+
+def settled_readings(samples, moments, interval):
+    """Of one process's heap samples `(t, connections, in use, free)`, the last one before each
+    moment (a fault, or the end) that is 45 s or more after the previous fault: the heap is
+    recorded every 30 s, so such a reading has seen the connections that fault moved."""
+    out = []
+    for at in moments:
+        before = [r for r in samples if at - 15 <= r[0] <= at]
+        if before and before[-1][0] - (at - interval) >= 45 and before[-1][1] > 0:
+            out.append(before[-1])
+    return out
+
+
+def leak_table(soak):
+    """Per worker process that lived ten minutes or more of the soak: its heap in use per
+    connection at each settled reading (see `settled_readings`), and the growth from its first
+    fault cycle after the warm-up to its last, each the mean over its readings (one before each
+    kind of fault: a cycle's readings see every phase, so the phase a single reading falls in
+    does not decide).
+    A leak raises it; clients moving between workers do not, as RSS would."""
+    if not soak.t0:
+        return []
+    moments = [soak.t0 + soak.args.fault_interval * k for k in range(1, soak.nwin())] + [soak.t_end]
+    out = []
+    for w in soak.workers:
+        for inst in w.instances:
+            rows = [(t, c, used, free) for t, role, pid, c, used, free in soak.heap
+                    if role == w.role and pid == inst["pid"]]
+            readings = settled_readings(rows, moments, soak.args.fault_interval)
+            cycle = len(FAULTS)
+            if len(readings) < 1 + 2 * cycle or readings[-1][0] - readings[0][0] < 600:
+                continue
+            per_conn = [used / c for _, c, used, _ in readings]
+            # The first reading is the warm-up's (no fault yet: no client has moved, no session
+            # has lived through a fault); the first cycle starts after it.
+            first_cycle = sum(per_conn[1:1 + cycle]) / cycle
+            last_cycle = sum(per_conn[-cycle:]) / cycle
+            first, last = readings[0], readings[-1]
+            out.append({"role": w.role, "pid": inst["pid"], "readings": len(readings),
+                        "minutes": round((last[0] - first[0]) / 60, 1),
+                        "start": {"connections": first[1], "heap_in_use_mb": round(first[2] / 2**20, 1),
+                                  "heap_free_mb": round(first[3] / 2**20, 1)},
+                        "end": {"connections": last[1], "heap_in_use_mb": round(last[2] / 2**20, 1),
+                                "heap_free_mb": round(last[3] / 2**20, 1)},
+                        "per_connection_kb": [round(x / 1024, 1) for x in per_conn],
+                        "first_cycle_kb": round(first_cycle / 1024, 1), "last_cycle_kb": round(last_cycle / 1024, 1),
+                        "growth_pct": round(100 * (last_cycle - first_cycle) / first_cycle, 1)})
+    return out
 
 
 def rss_table(soak):
@@ -559,6 +641,15 @@ def table(res):
         lines.append(f"  {r['role']:<9} start {r['start_mb']}  end {r['end_mb']}  growth "
                      f"{r.get('growth_pct', '-')}%  restarts {r['restarts']}  "
                      f"{'same process' if r['same_process'] else 'restarted'}  instances>=3min: {inst or '-'}")
+    lines.append("\nleak check (heap in use per connection, settled, just before each fault and at the end;"
+                 " growth: mean of the last fault cycle's readings against the first's after the warm-up):")
+    for r in res.get("leak_check", []):
+        a, b = r["start"], r["end"]
+        lines.append(f"  {r['role']:<4} pid {r['pid']:<7} over {r['minutes']} min: {a['heap_in_use_mb']} MB at "
+                     f"{a['connections']} connections -> {b['heap_in_use_mb']} MB at {b['connections']} "
+                     f"(free {a['heap_free_mb']} -> {b['heap_free_mb']} MB); per connection, first cycle "
+                     f"{r['first_cycle_kb']} KB -> last {r['last_cycle_kb']} KB ({r['growth_pct']:+}%); "
+                     f"readings {r['per_connection_kb']}")
     lt = res["loadtest"]
     lines.append(f"\nloadtest: connected {lt['connected']} failed {lt['failed']} reconnects {lt['reconnects']} "
                  f"published {lt['published']} acked {lt['acked']} deliveries {lt['deliveries']}")
@@ -605,6 +696,9 @@ def main():
     ap.add_argument("--balancer-restart", choices=("handover", "in-place"), default="handover",
                     help="handover: the new balancer starts on the port (reuse_port) before the old one "
                          "is stopped; in-place: stopped, then started")
+    ap.add_argument("--placement", default="least-connections",
+                    help="balancer.placement: every client comes from 127.0.0.1, so `consistent` would fill "
+                         "the workers in one order and leave the last (the never-restarted one) a remainder")
     ap.add_argument("--json", default=str(ROOT / "bench" / "soak-results.json"))
     args = ap.parse_args()
     if args.minutes < 2:
