@@ -391,12 +391,10 @@ def session_from(source):
     return s
 
 
-class Client:
-    """A python-socketio client that records what it receives and how it disconnects."""
+class _Recorder:
+    """What a test client records: the messages it receives, its connects and disconnects."""
 
-    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None):
-        """`source`: a local address to connect from (polling only: the WebSocket library
-        cannot bind one). For https:// servers use TlsClient."""
+    def __init__(self, url, transports, name):
         self.name = name
         self.url = url
         self.transports = list(transports)
@@ -405,17 +403,11 @@ class Client:
         self.disconnect_reasons = []
         self.disconnected_at = []  # time.monotonic() of each disconnect
         self._lock = threading.Lock()
-        extra = {}
-        if source is not None:
-            assert self.transports == ["polling"], "a source address is for polling clients"
-            extra["http_session"] = session_from(source)
-        self.sio = socketio.Client(
-            reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
-            randomization_factor=0.2, request_timeout=5, **extra,
-        )
-        self.sio.on("message", self._on_message)
-        self.sio.on("connect", self._on_connect)
-        self.sio.on("disconnect", self._on_disconnect)
+
+    def _listen_to(self, sio):
+        sio.on("message", self._on_message)
+        sio.on("connect", self._on_connect)
+        sio.on("disconnect", self._on_disconnect)
 
     def _on_message(self, data):
         with self._lock:
@@ -430,6 +422,31 @@ class Client:
             self.disconnect_reasons.append(reason)
             self.disconnected_at.append(time.monotonic())
 
+    def transport(self):
+        return self.sio.transport()
+
+    def data_received(self):
+        with self._lock:
+            return [m["data"] for m in self.messages]
+
+
+class Client(_Recorder):
+    """A python-socketio client that records what it receives and how it disconnects."""
+
+    def __init__(self, url, transports=("polling", "websocket"), reconnection=False, name="c", source=None):
+        """`source`: a local address to connect from (polling only: the WebSocket library
+        cannot bind one). For https:// servers use TlsClient."""
+        super().__init__(url, transports, name)
+        extra = {}
+        if source is not None:
+            assert self.transports == ["polling"], "a source address is for polling clients"
+            extra["http_session"] = session_from(source)
+        self.sio = socketio.Client(
+            reconnection=reconnection, reconnection_delay=0.2, reconnection_delay_max=0.5,
+            randomization_factor=0.2, request_timeout=5, **extra,
+        )
+        self._listen_to(self.sio)
+
     def connect(self):
         self.sio.connect(self.url, transports=self.transports, wait_timeout=10)
         return self
@@ -439,13 +456,6 @@ class Client:
             return self.sio.call(event, timeout=timeout)
         return self.sio.call(event, data, timeout=timeout)
 
-    def transport(self):
-        return self.sio.transport()
-
-    def data_received(self):
-        with self._lock:
-            return [m["data"] for m in self.messages]
-
     def close(self):
         try:
             self.sio.disconnect()
@@ -453,7 +463,7 @@ class Client:
             pass
 
 
-class TlsClient:
+class TlsClient(_Recorder):
     """A python-socketio client for https:// servers, verifying them against the CA file `ca`,
     with Client's interface.
 
@@ -465,14 +475,8 @@ class TlsClient:
 
     def __init__(self, url, transports=("polling", "websocket"), ca=None, name="c"):
         import asyncio
-        self.name = name
-        self.url = url
-        self.transports = list(transports)
+        super().__init__(url, transports, name)
         self.ca = str(ca)
-        self.messages = []
-        self.connects = 0
-        self.disconnect_reasons = []
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"tls-client-{name}")
         self._thread.start()
@@ -487,25 +491,11 @@ class TlsClient:
         context = ssl.create_default_context(cafile=self.ca)
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), trust_env=False)
         self.sio = socketio.AsyncClient(reconnection=False, request_timeout=5, http_session=self._http)
-        self.sio.on("message", self._on_message)
-        self.sio.on("connect", self._on_connect)
-        self.sio.on("disconnect", self._on_disconnect)
+        self._listen_to(self.sio)
 
     def _run(self, coro, timeout):
         import asyncio
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def _on_message(self, data):
-        with self._lock:
-            self.messages.append(data)
-
-    def _on_connect(self):
-        with self._lock:
-            self.connects += 1
-
-    def _on_disconnect(self, reason=None):
-        with self._lock:
-            self.disconnect_reasons.append(reason)
 
     def connect(self):
         self._run(self.sio.connect(self.url, transports=self.transports, wait_timeout=10), 20)
@@ -514,13 +504,6 @@ class TlsClient:
     def call(self, event, data=None, timeout=10):
         args = () if data is None else (data,)
         return self._run(self.sio.call(event, *args, timeout=timeout), timeout + 5)
-
-    def transport(self):
-        return self.sio.transport()
-
-    def data_received(self):
-        with self._lock:
-            return [m["data"] for m in self.messages]
 
     def close(self):
         async def shut():
